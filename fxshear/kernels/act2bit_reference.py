@@ -1,0 +1,103 @@
+"""2-bit activation codes (Approx-BP's ReGELU2 / ReSiLU2): constants and the torch reference.
+
+Why 2 bits: the backward of GELU/SiLU is replaced by the derivative of
+``sum_i a_i * ReLU(x - c_i)``, a 4-level step function.  Which step an element sits on is
+all the backward needs, so the forward keeps a code in {0, 1, 2, 3} (4 per byte) instead of
+the dense pre-activation.
+
+This module is the ground truth: the custom ops use it on CPU, and the Triton kernels are
+tested against it bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepDerivative:
+    """Thresholds ``c`` and slopes ``a`` of one published 2-bit approximation."""
+
+    thresholds: tuple[float, float, float]
+    slopes: tuple[float, float, float]
+
+    @property
+    def levels(self) -> tuple[float, float, float, float]:
+        """Derivative value for codes 0..3: 0, a1, a1+a2, a1+a2+a3 (summed in float64)."""
+        a1, a2, a3 = self.slopes
+        return (0.0, a1, a1 + a2, a1 + a2 + a3)
+
+
+# Published constants (Approx-BP, ICML 2024). sum(a) == 1 and sum(a * c) == 0.
+GELU_STEPS = StepDerivative(
+    thresholds=(-3.1858810036855245, -0.001178821281161997, 3.190832613414926),
+    slopes=(-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
+)
+SILU_STEPS = StepDerivative(
+    thresholds=(-6.3050461001646445, -0.0008684942046214787, 6.325815242089708),
+    slopes=(-0.04060357190528599, 1.080925428529668, -0.040321856624382146),
+)
+STEPS: dict[str, StepDerivative] = {"gelu": GELU_STEPS, "silu": SILU_STEPS}
+KINDS = tuple(STEPS)
+GELU_APPROXIMATIONS = ("none", "tanh")
+CODES_PER_BYTE = 4
+
+
+def packed_numel(numel: int) -> int:
+    """Bytes needed for ``numel`` 2-bit codes."""
+    return (numel + CODES_PER_BYTE - 1) // CODES_PER_BYTE
+
+
+def activation_reference(x: torch.Tensor, kind: str, approximate: str = "none") -> torch.Tensor:
+    """The exact forward, computed exactly as eager PyTorch computes it."""
+    if kind == "gelu":
+        return torch.nn.functional.gelu(x, approximate=approximate)
+    if kind == "silu":
+        return torch.nn.functional.silu(x)
+    raise ValueError(f"unknown activation kind {kind!r}; expected one of {KINDS}")
+
+
+def codes_reference(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Unpacked codes ``[x > c1] + [x > c2] + [x > c3]`` as uint8, compared in fp32."""
+    c1, c2, c3 = STEPS[kind].thresholds
+    xf = x.float()
+    return (xf > c1).to(torch.uint8) + (xf > c2).to(torch.uint8) + (xf > c3).to(torch.uint8)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes in {0..3} four to a byte, element ``4i + j`` in bits ``2j..2j+1``.
+
+    The pad lanes of the last byte are zero.
+    """
+    flat = codes.reshape(-1)
+    pad = (-flat.numel()) % CODES_PER_BYTE
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    lanes = flat.view(-1, CODES_PER_BYTE)
+    return lanes[:, 0] | (lanes[:, 1] << 2) | (lanes[:, 2] << 4) | (lanes[:, 3] << 6)
+
+
+def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as uint8."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    lanes = (packed.reshape(-1, 1) >> shifts) & 3
+    return lanes.reshape(-1)[:numel]
+
+
+def encode_reference(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Packed 2-bit codes of ``x``: ``uint8[packed_numel(x.numel())]``."""
+    return pack_codes(codes_reference(x, kind))
+
+
+def level_table(kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 derivative value of each code (index = code)."""
+    return torch.tensor(STEPS[kind].levels, dtype=torch.float32, device=device)
+
+
+def backward_reference(grad: torch.Tensor, packed: torch.Tensor, kind: str) -> torch.Tensor:
+    """``dx = grad * level[code]``, multiplied in fp32 and returned in ``grad``'s dtype."""
+    codes = unpack_codes(packed, grad.numel()).view(grad.shape)
+    slope = level_table(kind, grad.device)[codes.long()]
+    return (grad.float() * slope).to(grad.dtype)
