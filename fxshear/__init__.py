@@ -1,0 +1,27 @@
+"""fxshear: a torch.compile backend that saves far less for backward when fine-tuning.
+
+    model = torch.compile(model, backend="fxshear")                    # balanced preset
+    model = torch.compile(model, backend=fxshear.backend(preset="exact", memory_budget=0.5))
+    report = fxshear.inspect(model, *example_inputs)                    # what is saved, and why
+"""
+
+from .api import ledger, regions_of
+from .backend import ShearBackend, backend
+from .config import PRESETS, ConfigError, ShearConfig
+from .graph.ledger import Ledger, ModelLedger, SavedTensor
+from .measure import SavedBytes, measure_saved_bytes
+
+__version__ = "0.1.0"
+
+
+def inspect(model, *example_inputs, preset: str = "balanced", **overrides):  # noqa: ANN001, ANN201
+    """Compare what fxshear and plain torch.compile save for ``model(*example_inputs)``."""
+    from .inspection.report import inspect as _inspect
+
+    return _inspect(model, *example_inputs, preset=preset, **overrides)
+
+
+__all__ = [
+    "PRESETS", "ConfigError", "Ledger", "ModelLedger", "SavedBytes", "SavedTensor", "ShearBackend",
+    "ShearConfig", "backend", "inspect", "ledger", "measure_saved_bytes", "regions_of",
+]

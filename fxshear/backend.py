@@ -1,0 +1,124 @@
+"""The ``fxshear`` torch.compile backend.
+
+Pipeline per graph Dynamo hands us (DESIGN §2): torch-IR passes substitute fxshear custom ops →
+Inductor's ``compile_fx`` runs AOTAutograd, Inductor's joint passes, our steered partitioner
+(min-cut under ``memory_budget``) and lowering.  Each pass runs on a copy and is dropped if it
+raises; if compiling the rewritten graph fails, the unmodified graph is compiled instead.
+Training never breaks because of fxshear (unless ``on_error="raise"``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from .compat import check_torch_version
+from .config import ShearConfig
+from .graph.partitioner import ShearPartitioner, current_recorder
+from .log import log
+from .passes import PASSES
+from .passes.base import PassReport
+from .region import Region, _copy_graph_module
+
+_backend_ids = itertools.count()
+#: Every backend ever created, so ``fxshear.ledger(model)`` can find a model's regions.
+_BACKENDS: "weakref.WeakValueDictionary[int, ShearBackend]" = weakref.WeakValueDictionary()
+_DEFAULT_BACKENDS: dict[str, ShearBackend] = {}
+
+
+class ShearBackend:
+    """A configured fxshear backend; pass it to ``torch.compile(backend=...)``."""
+
+    def __init__(self, cfg: ShearConfig | None = None) -> None:
+        check_torch_version()
+        self.cfg = cfg or ShearConfig.from_options()
+        self.id = next(_backend_ids)
+        self.regions: list[Region] = []
+        _BACKENDS[self.id] = self
+
+    def __repr__(self) -> str:
+        return f"ShearBackend(preset={self.cfg.preset!r}, regions={len(self.regions)})"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+        region = Region.create(self.cfg, self.id, gm, example_inputs)
+        self.regions.append(region)
+        original = _copy_graph_module(gm)
+        rewritten = self._run_passes(gm, region) if _needs_backward(example_inputs) else gm
+        try:
+            return self._compile(rewritten, example_inputs, region)
+        except Exception as error:  # noqa: BLE001 - any failure must not stop training
+            if self.cfg.on_error == "raise":
+                raise
+            region.fallback_reason = f"{type(error).__name__}: {error}"
+            log.warning("fxshear: compiling %s with its rewrites failed (%s); compiling it unmodified",
+                        region.name, region.fallback_reason)
+            log.debug("%s", traceback.format_exc())
+            region.pass_reports = []
+            return self._compile(original, example_inputs, region)
+
+    def _run_passes(self, gm: torch.fx.GraphModule, region: Region) -> torch.fx.GraphModule:
+        for graph_pass in PASSES:
+            if not graph_pass.applies(self.cfg):
+                continue
+            candidate = _copy_graph_module(gm)
+            try:
+                report = graph_pass.run(candidate, self.cfg)
+            except Exception as error:  # noqa: BLE001 - a failing pass is dropped, not fatal
+                if self.cfg.on_error == "raise":
+                    raise
+                report = PassReport(graph_pass.name, error=f"{type(error).__name__}: {error}")
+                log.warning("fxshear pass %s failed on %s and was skipped: %s",
+                            graph_pass.name, region.name, report.error)
+                region.pass_reports.append(report)
+                continue
+            region.pass_reports.append(report)
+            gm = candidate
+        return gm
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], region: Region) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        region.index_origins(gm)
+        region.partition = None  # a failed first attempt may have left one behind
+        token = current_recorder.set(region.recorder(id(gm.graph)))
+        try:
+            return compile_fx(gm, example_inputs,
+                              config_patches={"custom_partitioner_fn": ShearPartitioner(self.cfg)})
+        finally:
+            current_recorder.reset(token)
+
+
+def _needs_backward(example_inputs: Sequence[Any]) -> bool:
+    """Rewrites only matter when something is saved for backward."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
+
+
+def backend(preset: str = "balanced", **overrides: Any) -> ShearBackend:
+    """A configured backend: ``torch.compile(model, backend=fxshear.backend(preset="exact"))``."""
+    return ShearBackend(ShearConfig.from_options(preset=preset, **overrides))
+
+
+def fxshear(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+            options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable:
+    """Entry point for ``torch.compile(model, backend="fxshear", options={...})``.
+
+    One backend per distinct options, so regions of differently configured models stay apart.
+    """
+    cfg = ShearConfig.from_options(options)
+    key = cfg.to_json()
+    if key not in _DEFAULT_BACKENDS:
+        _DEFAULT_BACKENDS[key] = ShearBackend(cfg)
+    return _DEFAULT_BACKENDS[key](gm, example_inputs)
+
+
+def backends() -> list[ShearBackend]:
+    """Live backends, oldest first."""
+    return [_BACKENDS[k] for k in sorted(_BACKENDS.keys())]

@@ -1,0 +1,76 @@
+"""Run-time cross-check of the ledger: count what autograd actually saves during a call.
+
+Why: the ledger is read from the partitioned graph; this counts the storages handed to autograd
+at run time through ``saved_tensors_hooks``, so the two can be compared.  Unique storages are
+counted once (views share a storage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+
+@dataclass
+class SavedBytes:
+    """Bytes saved for backward during one call, split like the ledger."""
+
+    activation_bytes: int = 0
+    parameter_bytes: int = 0
+    input_bytes: int = 0
+    tensors: int = 0
+    output: Any = field(default=None, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.activation_bytes + self.parameter_bytes + self.input_bytes
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    storage = t.untyped_storage()
+    return (str(t.device), storage.data_ptr())
+
+
+def _parameters_of(fn: Callable[..., Any]) -> list[torch.Tensor]:
+    module = getattr(fn, "_orig_mod", fn)
+    if isinstance(module, torch.nn.Module):
+        return list(module.parameters()) + list(module.buffers())
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        return list(owner.parameters()) + list(owner.buffers())
+    return []
+
+
+def measure_saved_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> SavedBytes:
+    """Call ``fn(*args, **kwargs)`` and count unique storages saved for backward.
+
+    Parameters and buffers of ``fn`` (when it is a module) and any ``nn.Parameter`` count as
+    parameters; storages of the call's own tensor arguments count as inputs; everything else is
+    an activation.  The call's output is kept in ``.output`` so the caller can run backward.
+    """
+    parameter_keys = {_storage_key(p) for p in _parameters_of(fn)}
+    input_keys = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    seen: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in seen:
+            if isinstance(t, torch.nn.Parameter) or key in parameter_keys:
+                kind = "parameter"
+            elif key in input_keys:
+                kind = "input"
+            else:
+                kind = "activation"
+            seen[key] = (kind, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = fn(*args, **kwargs)
+    result = SavedBytes(output=output, tensors=len(seen))
+    for kind, nbytes in seen.values():
+        setattr(result, f"{kind}_bytes", getattr(result, f"{kind}_bytes") + nbytes)
+    return result

@@ -1,0 +1,104 @@
+"""Pass: GELU / SiLU keep a 2-bit code for backward instead of a dense tensor (Approx-BP).
+
+Matches the activation calls Dynamo records (``torch._C._nn.gelu``, ``F.silu`` and their aten
+forms) and replaces each with ``fxshear::act2bit``, whose forward is exact and whose backward is
+the published 4-level step derivative.  The next Linear still saves the activation's output, so
+the win is ``output + codes`` in place of ``input + output``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from ..config import ShearConfig
+from ..kernels import act2bit as _ops  # noqa: F401  (registers the op)
+from .base import PASS_META_KEY, PassReport, example_value, excluded
+
+NAME = "act2bit"
+
+_GELU_TARGETS = {torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default}
+_SILU_TARGETS = {torch.nn.functional.silu, torch._C._nn.silu, torch.ops.aten.silu.default}
+_INPLACE_SILU_TARGETS = {torch._C._nn.silu_, torch.ops.aten.silu_.default}
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+def _match(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(kind, approximate) if the node is a GELU or SiLU call."""
+    if node.op != "call_function":
+        return None
+    if node.target in _GELU_TARGETS:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return "gelu", approximate
+    if node.target in _SILU_TARGETS or node.target in _INPLACE_SILU_TARGETS:
+        return "silu", "none"
+    return None
+
+
+class Act2BitPass:
+    """Rewrite GELU/SiLU into ``fxshear::act2bit`` where a gradient flows through them."""
+
+    name = NAME
+
+    def applies(self, cfg: ShearConfig) -> bool:
+        return cfg.act2bit and bool(cfg.act2bit_ops)
+
+    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+        report = PassReport(self.name)
+        graph = gm.graph
+        for node in list(graph.nodes):
+            matched = _match(node)
+            if matched is None:
+                continue
+            kind, approximate = matched
+            reason = self._why_not(node, kind, approximate, cfg)
+            if reason:
+                report.skip(node, reason)
+                continue
+            source = node.args[0] if node.args else node.kwargs["input"]
+            with graph.inserting_after(node):
+                fused = graph.call_function(
+                    torch.ops.fxshear.act2bit.default, (source, kind, approximate, _impl(cfg))
+                )
+            with graph.inserting_after(fused):
+                output = graph.call_function(operator.getitem, (fused, 0))
+            for new in (fused, output):
+                new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+                new.meta[PASS_META_KEY] = self.name
+            value = example_value(node)
+            if value is not None:
+                output.meta["example_value"] = value
+            node.replace_all_uses_with(output)
+            graph.erase_node(node)
+            report.rewritten.append(f"{node.name} ({kind}{'' if approximate == 'none' else ', tanh'})")
+        graph.lint()
+        gm.recompile()
+        return report
+
+    @staticmethod
+    def _why_not(node: torch.fx.Node, kind: str, approximate: str, cfg: ShearConfig) -> str | None:
+        if kind not in cfg.act2bit_ops:
+            return f"{kind} is not in act2bit_ops"
+        if node.target in _INPLACE_SILU_TARGETS or node.kwargs.get("inplace") or (
+            len(node.args) > 1 and node.target is not torch._C._nn.gelu and node.args[1] is True
+        ):
+            return "in-place activation: its input may be read again after being overwritten"
+        if approximate not in ("none", "tanh"):
+            return f"unknown GELU approximation {approximate!r}"
+        pattern = excluded(node, cfg)
+        if pattern:
+            return f"module excluded by pattern {pattern!r}"
+        value = example_value(node)
+        if not isinstance(value, torch.Tensor):
+            return "no tensor metadata recorded for this node"
+        if value.dtype not in _FLOAT_DTYPES:
+            return f"dtype {value.dtype} is not fp32/fp16/bf16"
+        if not value.requires_grad:
+            return "no gradient flows through it, so nothing is saved for backward"
+        return None
+
+
+def _impl(cfg: ShearConfig) -> str:
+    return cfg.kernels

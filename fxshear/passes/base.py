@@ -1,0 +1,93 @@
+"""What every fxshear pass is: a small object that rewrites the Dynamo graph and says what it did.
+
+Why a report and not side effects: the backend records reports per compiled region, so the
+inspection tool can show them, and a warm cache (where Inductor skips our hooks) changes nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch.fx
+
+from ..config import ShearConfig
+from ..log import log
+
+PASS_META_KEY = "fxshear_pass"
+
+
+@dataclass
+class Skip:
+    """A matched node a pass left alone, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class PassReport:
+    """What one pass changed in one region."""
+
+    name: str
+    rewritten: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    error: str | None = None
+
+    def skip(self, node: torch.fx.Node, reason: str) -> None:
+        """Record and log a pattern the pass leaves alone."""
+        self.skipped.append(Skip(node.name, reason))
+        log.info("fxshear %s: left %s alone: %s", self.name, node.name, reason)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "rewritten": list(self.rewritten),
+            "skipped": [{"node": s.node, "reason": s.reason} for s in self.skipped],
+            "error": self.error,
+        }
+
+
+class GraphPass(Protocol):
+    """A rewrite of the torch-IR graph Dynamo hands the backend."""
+
+    name: str
+
+    def applies(self, cfg: ShearConfig) -> bool:
+        """Whether the config turns this pass on."""
+
+    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+        """Rewrite ``gm`` in place and report what changed."""
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the innermost user module a node came from ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return _clean_module_path(path)
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo spells paths like "L['self'].bert.encoder.layer[0].intermediate"
+    for prefix in ("L['self'].", "L['self']", "L['fn'].", "L['mod']."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def excluded(node: torch.fx.Node, cfg: ShearConfig) -> str | None:
+    """The exclude pattern that covers this node's module, if any."""
+    path = module_path(node)
+    for pattern in cfg.exclude:
+        if fnmatch.fnmatchcase(path, pattern):
+            return pattern
+    return None
+
+
+def example_value(node: torch.fx.Node) -> object:
+    """The value Dynamo recorded for a node (a fake tensor for tensors)."""
+    return node.meta.get("example_value", node.meta.get("val"))

@@ -1,0 +1,236 @@
+"""A compiled region: one graph Dynamo handed the backend, what fxshear did to it, what it saves.
+
+Why regions re-derive their partition: with Inductor's FX-graph and AOTAutograd caches warm,
+the partitioner is never called, so nothing recorded during a compile can be trusted to exist.
+A region therefore keeps the (rewritten) graph and a description of its inputs; if its
+partition was not seen, it replays the trace and the min-cut with the caches off and no code
+generation, which gives the same partition and so the same ledger.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from .compat import caches_disabled
+from .config import ShearConfig
+from .graph.ledger import Ledger, Origin, build_ledger
+from .graph.partitioner import Partition, ShearPartitioner, current_recorder
+from .passes.base import PASS_META_KEY, PassReport, module_path
+
+_region_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+    def make(self) -> torch.Tensor:
+        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+        return t.zero_().requires_grad_(self.requires_grad)
+
+
+class _ParameterRef:
+    """A weak reference to a parameter the region was compiled with (replay needs the real one)."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.ref = weakref.ref(p)
+
+    def make(self) -> torch.Tensor:
+        p = self.ref()
+        if p is None:
+            raise RuntimeError("the parameters this region was compiled for no longer exist")
+        return p
+
+
+@dataclass
+class Region:
+    """Everything fxshear knows about one compiled graph."""
+
+    cfg: ShearConfig
+    backend_id: int
+    graph: torch.fx.GraphModule
+    inputs: list[Any]
+    order: int = field(default_factory=lambda: next(_region_counter))
+    pass_reports: list[PassReport] = field(default_factory=list)
+    fallback_reason: str | None = None
+    partition: Partition | None = None
+    partitioned_graph_id: int = -1
+    origins: dict[str, Origin] = field(default_factory=dict)
+    input_origins: list[Origin] = field(default_factory=list)
+    parameter_ids: frozenset[int] = frozenset()
+    replayed: bool = False
+
+    @classmethod
+    def create(cls, cfg: ShearConfig, backend_id: int, gm: torch.fx.GraphModule,
+               example_inputs: Sequence[Any]) -> Region:
+        inputs: list[Any] = []
+        for x in example_inputs:
+            if isinstance(x, torch.nn.Parameter):
+                inputs.append(_ParameterRef(x))
+            elif isinstance(x, torch.Tensor):
+                inputs.append(_TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, x.device,
+                                          x.requires_grad))
+            else:
+                inputs.append(x)
+        ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        return cls(cfg=cfg, backend_id=backend_id, graph=gm, inputs=inputs, parameter_ids=ids)
+
+    @property
+    def name(self) -> str:
+        return f"region{self.order}"
+
+    # -- provenance -------------------------------------------------------------------------
+    def index_origins(self, gm: torch.fx.GraphModule) -> None:
+        """Map every node of the graph being compiled to its source line, module and pass.
+
+        A private copy is kept for replays, since compiling may rewrite ``gm`` in place.
+        """
+        self.graph = _copy_graph_module(gm)
+        self.partitioned_graph_id = id(gm.graph)
+        self.origins = {n.name: _origin(n) for n in gm.graph.nodes}
+        self.input_origins = [_placeholder_origin(n) for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def recorder(self, graph_id: int):  # noqa: ANN201
+        """A callback for the partitioner: the partition of the graph ``graph_id``."""
+
+        def record(partition: Partition) -> None:
+            self.partition = partition
+            self.partitioned_graph_id = graph_id
+
+        return record
+
+    def parameter_indices(self) -> list[int]:
+        """Inputs that live as long as the model: parameters, and buffers by their source name."""
+        return [
+            i for i, x in enumerate(self.inputs)
+            if isinstance(x, _ParameterRef)
+            or (i < len(self.input_origins) and "_buffers" in self.input_origins[i].source)
+        ]
+
+    @property
+    def has_backward(self) -> bool:
+        return any(isinstance(x, _ParameterRef) or getattr(x, "requires_grad", False) for x in self.inputs)
+
+    # -- what is saved --------------------------------------------------------------------
+    def ensure_partition(self) -> Partition | None:
+        """The region's partition, replayed without caches if a warm cache skipped it."""
+        if self.partition is None and self.has_backward:
+            self.replay()
+        return self.partition
+
+    def replay(self) -> None:
+        """Trace and partition the region again with caches off and no code generation."""
+        from torch._inductor.compile_fx import compile_fx
+
+        inputs = [x.make() if isinstance(x, (_TensorSpec, _ParameterRef)) else x for x in self.inputs]
+        graph = _copy_graph_module(self.graph)
+        token = current_recorder.set(self.recorder(id(graph.graph)))
+        try:
+            with caches_disabled():
+                compile_fx(
+                    graph,
+                    inputs,
+                    inner_compile=_no_codegen,
+                    config_patches={"custom_partitioner_fn": ShearPartitioner(self.cfg)},
+                )
+        finally:
+            current_recorder.reset(token)
+        self.replayed = True
+
+    @property
+    def ledger(self) -> Ledger:
+        partition = self.ensure_partition()
+        if partition is None:
+            return Ledger(self.name)
+        return build_ledger(
+            self.name,
+            partition.forward,
+            partition.num_fwd_outputs,
+            partition.static_input_indices,
+            self.origins,
+            self.partitioned_graph_id,
+            self.input_origins,
+            self.parameter_indices(),
+        )
+
+    def readable_graphs(self) -> dict[str, str]:
+        """Joint, forward and backward graphs as text (for diffs)."""
+        partition = self.ensure_partition()
+        if partition is None:
+            return {}
+        return {
+            "joint": _readable(partition.joint),
+            "forward": _readable(partition.forward),
+            "backward": _readable(partition.backward),
+        }
+
+
+def graph_diff(before: str, after: str, label_before: str, label_after: str) -> str:
+    """Unified diff of two readable graphs."""
+    return "".join(
+        difflib.unified_diff(
+            before.splitlines(keepends=True), after.splitlines(keepends=True), label_before, label_after
+        )
+    )
+
+
+def _readable(gm: torch.fx.GraphModule) -> str:
+    try:
+        return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    except TypeError:  # older signature
+        return gm.print_readable(print_output=False)
+
+
+def _no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:
+    """An inner compiler that skips Inductor's code generation (the partition is all we need)."""
+    from functorch.compile import make_boxed_func
+
+    return make_boxed_func(gm.forward)
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` that shares its submodules; node meta is copied shallowly."""
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _origin(node: torch.fx.Node) -> Origin:
+    return Origin(source=_source_line(node), module=module_path(node),
+                  introduced_by=node.meta.get(PASS_META_KEY))
+
+
+def _placeholder_origin(node: torch.fx.Node) -> Origin:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", None)
+    if callable(source):
+        source = source()
+    return Origin(source=str(source or node.name), module="", introduced_by=None)
+
+
+def _source_line(node: torch.fx.Node) -> str:
+    """``file.py:123  code`` of the innermost user frame in the node's stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            parts = lines[i].split('"')
+            filename = parts[1].rsplit("/", 1)[-1] if len(parts) > 1 else "?"
+            lineno = lines[i].split("line ")[-1].split(",")[0]
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{filename}:{lineno}  {code}"
+    return ""
