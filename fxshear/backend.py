@@ -18,13 +18,13 @@ from typing import Any
 import torch
 import torch.fx
 
-from .compat import check_torch_version
+from .compat import caches_disabled, check_torch_version
 from .config import ShearConfig
 from .graph.partitioner import ShearPartitioner, current_recorder
 from .log import log
 from .passes import PASSES
 from .passes.base import PassReport
-from .region import Region, _copy_graph_module
+from .region import Region, copy_graph_module, no_codegen
 
 _backend_ids = itertools.count()
 #: Every backend ever created, so ``fxshear.ledger(model)`` can find a model's regions.
@@ -35,9 +35,13 @@ _DEFAULT_BACKENDS: dict[str, ShearBackend] = {}
 class ShearBackend:
     """A configured fxshear backend; pass it to ``torch.compile(backend=...)``."""
 
-    def __init__(self, cfg: ShearConfig | None = None) -> None:
+    def __init__(self, cfg: ShearConfig | None = None, *, codegen: bool = True) -> None:
+        """``codegen=False`` is the analysis mode of ``fxshear.inspect``: graphs are traced and
+        partitioned exactly as for Inductor, but no kernels are generated (the partitioned aten
+        graphs run eagerly), so inspecting a model takes seconds, not minutes."""
         check_torch_version()
         self.cfg = cfg or ShearConfig.from_options()
+        self.codegen = codegen
         self.id = next(_backend_ids)
         self.regions: list[Region] = []
         _BACKENDS[self.id] = self
@@ -48,7 +52,7 @@ class ShearBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         region = Region.create(self.cfg, self.id, gm, example_inputs)
         self.regions.append(region)
-        original = _copy_graph_module(gm)
+        original = copy_graph_module(gm)
         rewritten = self._run_passes(gm, region) if _needs_backward(example_inputs) else gm
         try:
             return self._compile(rewritten, example_inputs, region)
@@ -66,7 +70,7 @@ class ShearBackend:
         for graph_pass in PASSES:
             if not graph_pass.applies(self.cfg):
                 continue
-            candidate = _copy_graph_module(gm)
+            candidate = copy_graph_module(gm)
             try:
                 report = graph_pass.run(candidate, self.cfg)
             except Exception as error:  # noqa: BLE001 - a failing pass is dropped, not fatal
@@ -87,9 +91,12 @@ class ShearBackend:
         region.index_origins(gm)
         region.partition = None  # a failed first attempt may have left one behind
         token = current_recorder.set(region.recorder(id(gm.graph)))
+        patches = {"custom_partitioner_fn": ShearPartitioner(self.cfg)}
         try:
-            return compile_fx(gm, example_inputs,
-                              config_patches={"custom_partitioner_fn": ShearPartitioner(self.cfg)})
+            if self.codegen:
+                return compile_fx(gm, example_inputs, config_patches=patches)
+            with caches_disabled():
+                return compile_fx(gm, example_inputs, inner_compile=no_codegen, config_patches=patches)
         finally:
             current_recorder.reset(token)
 

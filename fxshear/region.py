@@ -97,7 +97,7 @@ class Region:
 
         A private copy is kept for replays, since compiling may rewrite ``gm`` in place.
         """
-        self.graph = _copy_graph_module(gm)
+        self.graph = copy_graph_module(gm)
         self.partitioned_graph_id = id(gm.graph)
         self.origins = {n.name: _origin(n) for n in gm.graph.nodes}
         self.input_origins = [_placeholder_origin(n) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -135,14 +135,14 @@ class Region:
         from torch._inductor.compile_fx import compile_fx
 
         inputs = [x.make() if isinstance(x, (_TensorSpec, _ParameterRef)) else x for x in self.inputs]
-        graph = _copy_graph_module(self.graph)
+        graph = copy_graph_module(self.graph)
         token = current_recorder.set(self.recorder(id(graph.graph)))
         try:
             with caches_disabled():
                 compile_fx(
                     graph,
                     inputs,
-                    inner_compile=_no_codegen,
+                    inner_compile=no_codegen,
                     config_patches={"custom_partitioner_fn": ShearPartitioner(self.cfg)},
                 )
         finally:
@@ -193,14 +193,14 @@ def _readable(gm: torch.fx.GraphModule) -> str:
         return gm.print_readable(print_output=False)
 
 
-def _no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:
+def no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:
     """An inner compiler that skips Inductor's code generation (the partition is all we need)."""
     from functorch.compile import make_boxed_func
 
     return make_boxed_func(gm.forward)
 
 
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` that shares its submodules; node meta is copied shallowly."""
     graph = torch.fx.Graph()
     graph._codegen = gm.graph._codegen

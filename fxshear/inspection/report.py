@@ -1,0 +1,171 @@
+"""``fxshear.inspect``: what fxshear saves for backward next to what plain torch.compile saves.
+
+Both sides are traced and partitioned exactly as Inductor would (the baseline is Inductor's own
+min-cut with no fxshear pass), in analysis mode: no kernels are generated, so a report of a real
+model takes seconds.  The numbers are read from the partitioned graphs, never from intentions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..backend import ShearBackend
+from ..config import ShearConfig
+from ..graph.ledger import ModelLedger
+from ..passes.base import PassReport
+from ..region import Region, graph_diff
+
+GRAPH_KINDS = ("forward", "backward", "joint")
+
+
+@dataclass
+class RegionPasses:
+    """The pass reports of one region."""
+
+    region: str
+    reports: list[PassReport]
+    fallback_reason: str | None = None
+
+
+@dataclass
+class InspectionReport:
+    """The ledger under fxshear beside plain torch.compile, what each pass did, and graph diffs."""
+
+    config: ShearConfig
+    baseline: ModelLedger
+    shear: ModelLedger
+    passes: list[RegionPasses]
+    graphs_before: list[dict[str, str]] = field(repr=False, default_factory=list)
+    graphs_after: list[dict[str, str]] = field(repr=False, default_factory=list)
+
+    @property
+    def ledger(self) -> ModelLedger:
+        """The fxshear ledger (what the user's compiled model saves)."""
+        return self.shear
+
+    @property
+    def saved_ratio(self) -> float:
+        """fxshear activation bytes / torch.compile activation bytes."""
+        return self.shear.activation_bytes / max(self.baseline.activation_bytes, 1)
+
+    def diff(self, kind: str = "forward") -> str:
+        """Unified diff of one readable graph kind, region by region, torch.compile → fxshear."""
+        if kind not in GRAPH_KINDS:
+            raise ValueError(f"kind must be one of {GRAPH_KINDS}, got {kind!r}")
+        parts = []
+        for i, (before, after) in enumerate(zip(self.graphs_before, self.graphs_after)):
+            parts.append(graph_diff(before.get(kind, ""), after.get(kind, ""),
+                                    f"torch.compile/region{i}/{kind}", f"fxshear/region{i}/{kind}"))
+        return "".join(parts)
+
+    def pass_bytes(self) -> dict[str, int]:
+        """Activation bytes each pass's ops now save (negative space is in the totals)."""
+        return {k: v for k, v in self.shear.by_pass().items() if k}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_json(),
+            "baseline": self.baseline.to_dict(),
+            "fxshear": self.shear.to_dict(),
+            "saved_ratio": self.saved_ratio,
+            "passes": [
+                {"region": p.region, "fallback_reason": p.fallback_reason,
+                 "reports": [r.to_dict() for r in p.reports]}
+                for p in self.passes
+            ],
+        }
+
+    def summary_table(self) -> Any:
+        """A rich table of the totals."""
+        from rich.table import Table
+
+        table = Table(title=f"saved for backward: torch.compile vs fxshear ({self.config.preset})")
+        for column in ("", "torch.compile", "fxshear", "ratio"):
+            table.add_column(column, justify="right")
+        for label, attr in (("activations", "activation_bytes"), ("parameters", "parameter_bytes"),
+                            ("inputs", "input_bytes")):
+            before, after = getattr(self.baseline, attr), getattr(self.shear, attr)
+            table.add_row(label, _mib(before), _mib(after), f"{after / before:.3f}" if before else "-")
+        return table
+
+    def pass_table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="what each pass did")
+        for column in ("region", "pass", "rewritten", "left alone (reason)", "error"):
+            table.add_column(column)
+        for region in self.passes:
+            for report in region.reports:
+                reasons = _count_reasons(report)
+                table.add_row(region.region, report.name, str(len(report.rewritten)),
+                              "; ".join(f"{n}x {r}" for r, n in reasons.items()), report.error or "")
+            if region.fallback_reason:
+                table.add_row(region.region, "(fallback)", "0", "", region.fallback_reason)
+        return table
+
+    def print(self) -> None:
+        from rich.console import Console
+
+        console = Console()
+        console.print(self.summary_table())
+        console.print(self.pass_table())
+        console.print(self.shear.table("fxshear: activations saved for backward"))
+
+    def save_html(self, path: str) -> str:
+        """Write one self-contained HTML page; returns the path."""
+        from .html import render_html
+
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(render_html(self))
+        return path
+
+
+def _count_reasons(report: PassReport) -> dict[str, int]:
+    reasons: dict[str, int] = {}
+    for skip in report.skipped:
+        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+    return reasons
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def _analyse(model: torch.nn.Module, backend: ShearBackend, args: tuple[Any, ...],
+             kwargs: Mapping[str, Any]) -> list[Region]:
+    compiled = torch.compile(model, backend=backend)
+    with torch.enable_grad():
+        compiled(*args, **kwargs)
+    return [r for r in backend.regions if r.has_backward]
+
+
+def inspect(model: torch.nn.Module, *example_inputs: Any, preset: str = "balanced",
+            example_kwargs: Mapping[str, Any] | None = None, **overrides: Any) -> InspectionReport:
+    """Trace ``model(*example_inputs, **example_kwargs)`` under torch.compile and under fxshear.
+
+    ``overrides`` are fxshear options (e.g. ``memory_budget=0.5``), validated as for the backend.
+    The baseline is Inductor's default partition of the same graph under the same
+    ``memory_budget``, so the ratio isolates what fxshear's rewrites change.
+    """
+    cfg = ShearConfig.from_options(preset=preset, **overrides)
+    baseline_cfg = ShearConfig.from_options(preset="exact", memory_budget=cfg.memory_budget)
+    kwargs = dict(example_kwargs or {})
+    baseline = ShearBackend(baseline_cfg, codegen=False)
+    shear = ShearBackend(cfg, codegen=False)
+    torch._dynamo.reset()  # each side gets its own trace, not the other's cached graph
+    before = _analyse(model, baseline, example_inputs, kwargs)
+    torch._dynamo.reset()
+    after = _analyse(model, shear, example_inputs, kwargs)
+    torch._dynamo.reset()
+    return InspectionReport(
+        config=cfg,
+        baseline=ModelLedger([r.ledger for r in before]),
+        shear=ModelLedger([r.ledger for r in after]),
+        passes=[RegionPasses(r.name, r.pass_reports, r.fallback_reason) for r in after],
+        graphs_before=[r.readable_graphs() for r in before],
+        graphs_after=[r.readable_graphs() for r in after],
+    )
