@@ -53,7 +53,7 @@ class ShearBackend:
         region = Region.create(self.cfg, self.id, gm, example_inputs)
         self.regions.append(region)
         original = copy_graph_module(gm)
-        rewritten = self._run_passes(gm, region) if _needs_backward(example_inputs) else gm
+        rewritten = self._run_passes(gm, region) if region.has_backward else gm
         try:
             return self._compile(rewritten, example_inputs, region)
         except Exception as error:  # noqa: BLE001 - any failure must not stop training
@@ -99,13 +99,6 @@ class ShearBackend:
                 return compile_fx(gm, example_inputs, inner_compile=no_codegen, config_patches=patches)
         finally:
             current_recorder.reset(token)
-
-
-def _needs_backward(example_inputs: Sequence[Any]) -> bool:
-    """Rewrites only matter when something is saved for backward."""
-    return torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
-    )
 
 
 def backend(preset: str = "balanced", **overrides: Any) -> ShearBackend:

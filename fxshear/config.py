@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .kernels.act2bit_reference import KINDS as ACT2BIT_KINDS
@@ -74,7 +74,7 @@ class ShearConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"preset"}
         for key in merged:
             if key not in known:
-                hint = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = difflib.get_close_matches(key, sorted(known | {"preset"}), n=1)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise ConfigError(
                     f"unknown fxshear option {key!r}{suggestion} Accepted options: "

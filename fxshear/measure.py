@@ -35,24 +35,26 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), storage.data_ptr())
 
 
-def _parameters_of(fn: Callable[..., Any]) -> list[torch.Tensor]:
-    module = getattr(fn, "_orig_mod", fn)
-    if isinstance(module, torch.nn.Module):
-        return list(module.parameters()) + list(module.buffers())
-    owner = getattr(fn, "__self__", None)
-    if isinstance(owner, torch.nn.Module):
-        return list(owner.parameters()) + list(owner.buffers())
-    return []
+def _parameters_of(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Parameters and buffers of ``fn`` (or its bound module) and of modules passed to it."""
+    candidates = [fn, getattr(fn, "__self__", None), *args, *kwargs.values()]
+    found: list[torch.Tensor] = []
+    for candidate in candidates:
+        module = getattr(candidate, "_orig_mod", candidate)
+        if isinstance(module, torch.nn.Module):
+            found.extend(module.parameters())
+            found.extend(module.buffers())
+    return found
 
 
 def measure_saved_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> SavedBytes:
     """Call ``fn(*args, **kwargs)`` and count unique storages saved for backward.
 
-    Parameters and buffers of ``fn`` (when it is a module) and any ``nn.Parameter`` count as
-    parameters; storages of the call's own tensor arguments count as inputs; everything else is
+    Parameters and buffers of ``fn`` (when it is a module or a bound method) or of any module
+    among the arguments, and any ``nn.Parameter``, count as parameters; storages of the call's own tensor arguments count as inputs; everything else is
     an activation.  The call's output is kept in ``.output`` so the caller can run backward.
     """
-    parameter_keys = {_storage_key(p) for p in _parameters_of(fn)}
+    parameter_keys = {_storage_key(p) for p in _parameters_of(fn, args, kwargs)}
     input_keys = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
     seen: dict[tuple[str, int], tuple[str, int]] = {}
 

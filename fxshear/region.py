@@ -71,6 +71,7 @@ class Region:
     input_origins: list[Origin] = field(default_factory=list)
     parameter_ids: frozenset[int] = frozenset()
     replayed: bool = False
+    grad_enabled: bool = True
 
     @classmethod
     def create(cls, cfg: ShearConfig, backend_id: int, gm: torch.fx.GraphModule,
@@ -85,7 +86,8 @@ class Region:
             else:
                 inputs.append(x)
         ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
-        return cls(cfg=cfg, backend_id=backend_id, graph=gm, inputs=inputs, parameter_ids=ids)
+        return cls(cfg=cfg, backend_id=backend_id, graph=gm, inputs=inputs, parameter_ids=ids,
+                   grad_enabled=torch.is_grad_enabled())
 
     @property
     def name(self) -> str:
@@ -121,7 +123,8 @@ class Region:
 
     @property
     def has_backward(self) -> bool:
-        return any(isinstance(x, _ParameterRef) or getattr(x, "requires_grad", False) for x in self.inputs)
+        """Whether this graph was compiled for training (grad mode on, something needs a grad)."""
+        return self.grad_enabled and any(isinstance(x, _ParameterRef) or getattr(x, "requires_grad", False) for x in self.inputs)
 
     # -- what is saved --------------------------------------------------------------------
     def ensure_partition(self) -> Partition | None:

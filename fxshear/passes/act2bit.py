@@ -15,7 +15,7 @@ import torch.fx
 
 from ..config import ShearConfig
 from ..kernels import act2bit as _ops  # noqa: F401  (registers the op)
-from .base import PASS_META_KEY, PassReport, example_value, excluded
+from .base import PASS_META_KEY, PassReport, example_value, excluded, module_types
 
 NAME = "act2bit"
 
@@ -48,10 +48,12 @@ class Act2BitPass:
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
         report = PassReport(self.name)
         graph = gm.graph
+        seen_modules: set[str] = set()
         for node in list(graph.nodes):
             matched = _match(node)
             if matched is None:
                 continue
+            seen_modules.update(path for path, _ in module_types(node))
             kind, approximate = matched
             reason = self._why_not(node, kind, approximate, cfg)
             if reason:
@@ -73,16 +75,29 @@ class Act2BitPass:
             node.replace_all_uses_with(output)
             graph.erase_node(node)
             report.rewritten.append(f"{node.name} ({kind}{'' if approximate == 'none' else ', tanh'})")
+        self._note_unmatched_modules(graph, seen_modules, report)
         graph.lint()
         gm.recompile()
         return report
+
+    @staticmethod
+    def _note_unmatched_modules(graph: torch.fx.Graph, seen: set[str], report: PassReport) -> None:
+        """Activation modules whose math is written out by hand (GPT-2's gelu_new) are not
+        matched; say so rather than leave the user guessing why nothing changed."""
+        unmatched: dict[str, str] = {}
+        for node in graph.nodes:
+            for path, type_name in module_types(node):
+                if path not in seen and any(k in type_name.upper() for k in ("GELU", "SILU", "SWISH")):
+                    unmatched.setdefault(path, type_name)
+        for path, type_name in unmatched.items():
+            report.note(f"{path} ({type_name}) computes its activation from elementary ops; not matched")
 
     @staticmethod
     def _why_not(node: torch.fx.Node, kind: str, approximate: str, cfg: ShearConfig) -> str | None:
         if kind not in cfg.act2bit_ops:
             return f"{kind} is not in act2bit_ops"
         if node.target in _INPLACE_SILU_TARGETS or node.kwargs.get("inplace") or (
-            len(node.args) > 1 and node.target is not torch._C._nn.gelu and node.args[1] is True
+            kind == "silu" and len(node.args) > 1 and node.args[1] is True
         ):
             return "in-place activation: its input may be read again after being overwritten"
         if approximate not in ("none", "tanh"):

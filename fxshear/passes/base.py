@@ -33,6 +33,7 @@ class PassReport:
     name: str
     rewritten: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     error: str | None = None
 
     def skip(self, node: torch.fx.Node, reason: str) -> None:
@@ -40,11 +41,17 @@ class PassReport:
         self.skipped.append(Skip(node.name, reason))
         log.info("fxshear %s: left %s alone: %s", self.name, node.name, reason)
 
+    def note(self, message: str) -> None:
+        """Record and log something the pass could not match at all."""
+        self.notes.append(message)
+        log.info("fxshear %s: %s", self.name, message)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "name": self.name,
             "rewritten": list(self.rewritten),
             "skipped": [{"node": s.node, "reason": s.reason} for s in self.skipped],
+            "notes": list(self.notes),
             "error": self.error,
         }
 
@@ -59,6 +66,16 @@ class GraphPass(Protocol):
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
         """Rewrite ``gm`` in place and report what changed."""
+
+
+def module_types(node: torch.fx.Node) -> list[tuple[str, str]]:
+    """(path, class name) of every module enclosing a node, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    result = []
+    for path, module_type in stack.values():
+        name = module_type if isinstance(module_type, str) else getattr(module_type, "__name__", str(module_type))
+        result.append((_clean_module_path(path), name.rsplit(".", 1)[-1]))
+    return result
 
 
 def module_path(node: torch.fx.Node) -> str:

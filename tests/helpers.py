@@ -1,0 +1,69 @@
+"""Test helpers: eager references for fxshear's approximations, gradient comparison."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+from fxshear.kernels.act2bit import gelu2, silu2
+
+
+class _Approx(torch.nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def with_2bit_activations(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose GELU/SiLU use fxshear's 2-bit backward, run eagerly.
+
+    This is the documented approximation fxshear's balanced preset must reproduce exactly.
+    """
+    from transformers import activations
+
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        replacement: torch.nn.Module | None = None
+        if isinstance(module, torch.nn.GELU):
+            replacement = _Approx(lambda x, a=module.approximate: gelu2(x, a))
+        elif isinstance(module, (torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU))):
+            replacement = _Approx(silu2)
+        elif isinstance(module, activations.GELUActivation):
+            replacement = _Approx(gelu2)
+        if replacement is not None:
+            parent_name, _, child = name.rpartition(".")
+            parent = ref.get_submodule(parent_name) if parent_name else ref
+            setattr(parent, child, replacement)
+    return ref
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                       rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def gradient_fidelity(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Cosine of the whole gradient vector, and the smallest per-parameter cosine.
+
+    Parameters whose exact gradient is rounding noise (below 1e-6 of the largest norm, e.g.
+    attention key biases, whose true gradient is zero by softmax's shift invariance) are left
+    out of the minimum: their cosine carries no information.
+    """
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+    largest = max(g.norm().item() for g in expected.values())
+    per_param = [cos(actual[n], expected[n]) for n in expected if expected[n].norm().item() > 1e-6 * largest]
+    whole = cos(torch.cat([actual[n].flatten() for n in expected]), torch.cat([expected[n].flatten() for n in expected]))
+    return {"global_cosine": whole, "min_param_cosine": min(per_param)}

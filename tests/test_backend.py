@@ -1,0 +1,192 @@
+"""The backend against eager PyTorch, in analysis mode (real partition, no Inductor codegen).
+
+Analysis mode runs exactly the graphs Inductor would receive (Dynamo, fxshear's passes,
+AOTAutograd, Inductor's joint passes, the steered min-cut) and executes the partitioned graphs,
+so it tests every rewrite and what is saved, at a fraction of the compile time.  Code
+generation is covered by tests/test_inductor.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fxshear
+from fxshear.config import ShearConfig
+from fxshear.models import build_model
+from fxshear.passes.act2bit import Act2BitPass
+from helpers import assert_grads_close, gradient_fidelity, grads, with_2bit_activations
+
+MODELS = ["minilm", "llama", "gpt2", "vit"]
+
+
+def analysis_backend(preset: str = "balanced", **overrides: object) -> fxshear.ShearBackend:
+    return fxshear.ShearBackend(ShearConfig.from_options(preset=preset, **overrides), codegen=False)
+
+
+def run(example, module, batch):  # noqa: ANN001, ANN201
+    loss = example.loss(module, batch)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exact_preset_matches_eager(name: str) -> None:
+    example = build_model(name, size="small", dropout=False)
+    batch = example.make_batch(2, 16, seed=1)
+    eager_loss = run(example, example.model, batch)
+    eager_grads = grads(example.model)
+    example.model.zero_grad(set_to_none=True)
+    loss = run(example, torch.compile(example.model, backend=analysis_backend("exact")), batch)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads(example.model), eager_grads)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_balanced_is_exactly_the_documented_approximation(name: str, record_property) -> None:  # noqa: ANN001
+    example = build_model(name, size="small", dropout=False)
+    batch = example.make_batch(2, 16, seed=1)
+    reference = with_2bit_activations(example.model)
+    ref_loss = run(example, reference, batch)
+    ref_grads = grads(reference)
+    exact_loss = run(example, example.model, batch)
+    exact_grads = grads(example.model)
+    example.model.zero_grad(set_to_none=True)
+    loss = run(example, torch.compile(example.model, backend=analysis_backend("balanced")), batch)
+    torch.testing.assert_close(loss, exact_loss, rtol=1e-5, atol=1e-6)  # forward stays exact
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads(example.model), ref_grads)
+    fidelity = gradient_fidelity(grads(example.model), exact_grads)
+    for key, value in fidelity.items():
+        record_property(key, value)
+    print(f"{name}: balanced vs exact backprop gradient cosine: global {fidelity['global_cosine']:.4f}, "
+          f"smallest per parameter {fidelity['min_param_cosine']:.4f}")
+    assert fidelity["global_cosine"] > 0.8
+
+
+def test_ledger_agrees_with_runtime_count_on_minilm() -> None:
+    example = build_model("minilm", dropout=True)
+    batch = example.make_batch(2, 32)
+    for preset in ("exact", "balanced"):
+        torch._dynamo.reset()
+        backend = analysis_backend(preset)
+        compiled = torch.compile(example.model, backend=backend)
+        counted = fxshear.measure_saved_bytes(example.loss, compiled, batch)
+        counted.output.backward()
+        ledger = fxshear.ledger(example.model)
+        assert ledger.activation_bytes == counted.activation_bytes, preset
+        assert ledger.input_bytes == counted.input_bytes, preset
+
+
+def test_minilm_ledger_shows_gelu_replaced_by_dense_plus_codes() -> None:
+    example = build_model("minilm", dropout=False)
+    batch = example.make_batch(2, 32)
+    ledgers = {}
+    for preset in ("exact", "balanced"):
+        torch._dynamo.reset()
+        compiled = torch.compile(example.model, backend=analysis_backend(preset))
+        example.loss(compiled, batch).backward()
+        ledgers[preset] = fxshear.ledger(example.model)
+    tokens, intermediate = 2 * 32, 1536
+
+    def dense_intermediate(ledger: fxshear.ModelLedger) -> int:
+        return sum(1 for e in ledger.entries if e.kind == "activation" and e.dtype == "float32"
+                   and e.shape[-1] == intermediate and e.bytes > 0)
+
+    codes = [e for e in ledgers["balanced"].entries if e.introduced_by == "act2bit" and e.dtype == "uint8"]
+    assert len(codes) == 6 and all(e.bytes == tokens * intermediate // 4 for e in codes)
+    assert dense_intermediate(ledgers["exact"]) == 12  # GELU input and output, per layer
+    assert dense_intermediate(ledgers["balanced"]) == 6  # GELU output only (the next Linear needs it)
+    assert all(e.source and e.module for e in codes)
+    assert ledgers["balanced"].activation_bytes < ledgers["exact"].activation_bytes
+
+
+def test_memory_budget_composes_with_the_rewrites() -> None:
+    example = build_model("minilm", dropout=True)
+    batch = example.make_batch(8, 128)  # at toy sizes the knapsack finds nothing to trade
+    saved = {}
+    for preset, budget in (("exact", None), ("exact", 0.5), ("balanced", None), ("balanced", 0.5)):
+        torch._dynamo.reset()
+        compiled = torch.compile(example.model, backend=analysis_backend(preset, memory_budget=budget))
+        example.loss(compiled, batch).backward()
+        saved[preset, budget] = fxshear.ledger(example.model).activation_bytes
+    assert saved["exact", 0.5] < saved["exact", None]  # the knob reaches the partitioner
+    assert saved["balanced", 0.5] < saved["exact", 0.5]  # and fxshear moves its curve down
+    assert saved["balanced", None] < saved["exact", None]
+
+
+def test_a_pass_that_raises_is_dropped_and_training_goes_on(monkeypatch, caplog) -> None:  # noqa: ANN001
+    def broken(self, gm, cfg):  # noqa: ANN001, ANN202
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Act2BitPass, "run", broken)
+    example = build_model("llama", dropout=False)
+    batch = example.make_batch(2, 16)
+    eager_loss = run(example, example.model, batch)
+    eager_grads = grads(example.model)
+    example.model.zero_grad(set_to_none=True)
+    backend = analysis_backend("balanced")
+    with caplog.at_level(logging.WARNING, logger="fxshear"):
+        loss = run(example, torch.compile(example.model, backend=backend), batch)
+    torch.testing.assert_close(loss, eager_loss)
+    assert_grads_close(grads(example.model), eager_grads)
+    assert backend.regions[0].pass_reports[0].error == "RuntimeError: boom"
+    assert "act2bit failed" in caplog.text
+
+
+def test_a_failing_compile_falls_back_to_the_unmodified_graph(monkeypatch, caplog) -> None:  # noqa: ANN001
+    real = fxshear.ShearBackend._compile
+    calls = []
+
+    def fail_first(self, gm, example_inputs, region):  # noqa: ANN001, ANN202
+        calls.append(gm)
+        if len(calls) == 1:
+            raise RuntimeError("lowering exploded")
+        return real(self, gm, example_inputs, region)
+
+    monkeypatch.setattr(fxshear.ShearBackend, "_compile", fail_first)
+    model = build_model("llama", dropout=False)
+    batch = model.make_batch(2, 16)
+    backend = analysis_backend("balanced")
+    with caplog.at_level(logging.WARNING, logger="fxshear"):
+        run(model, torch.compile(model.model, backend=backend), batch)
+    assert backend.regions[0].fallback_reason == "RuntimeError: lowering exploded"
+    assert not any(n.target == torch.ops.fxshear.act2bit.default for n in calls[1].graph.nodes)
+    assert "compiling it unmodified" in caplog.text
+
+
+def test_on_error_raise_surfaces_the_failure(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(Act2BitPass, "run", lambda self, gm, cfg: (_ for _ in ()).throw(RuntimeError("boom")))
+    example = build_model("llama", dropout=False)
+    compiled = torch.compile(example.model, backend=analysis_backend("balanced", on_error="raise"))
+    with pytest.raises(Exception, match="boom"):
+        example.loss(compiled, example.make_batch(2, 16))
+
+
+def test_unmatched_hand_written_gelu_is_reported() -> None:
+    example = build_model("gpt2", dropout=False)
+    backend = analysis_backend("balanced")
+    run(example, torch.compile(example.model, backend=backend), example.make_batch(2, 16))
+    report = backend.regions[0].pass_reports[0]
+    assert report.rewritten == []
+    assert any("NewGELUActivation" in note for note in report.notes)
+
+
+def test_excluded_modules_are_left_alone() -> None:
+    example = build_model("llama", dropout=False)
+    backend = analysis_backend("balanced", exclude=["model.layers.0.*"])
+    run(example, torch.compile(example.model, backend=backend), example.make_batch(2, 16))
+    report = backend.regions[0].pass_reports[0]
+    assert len(report.rewritten) == 1
+    assert [s.reason for s in report.skipped] == ["module excluded by pattern 'model.layers.0.*'"]
+
+
+def test_inference_is_not_rewritten() -> None:
+    example = build_model("llama", dropout=False)
+    backend = analysis_backend("balanced")
+    with torch.no_grad():
+        torch.compile(example.model, backend=backend)(**example.make_batch(2, 16))
+    assert backend.regions[0].pass_reports == []
+    assert fxshear.ledger(example.model).regions == []

@@ -1,0 +1,50 @@
+"""Every option is validated when the config is built, with an error naming field and values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxshear
+from fxshear.config import ConfigError, ShearConfig
+
+
+def test_presets_and_defaults() -> None:
+    assert ShearConfig.from_options().preset == "balanced"
+    assert ShearConfig.from_options(preset="exact").exact
+    assert not ShearConfig.from_options(preset="balanced").exact
+    assert ShearConfig.from_options(preset="aggressive").act2bit
+    assert ShearConfig.from_options({"preset": "balanced"}, act2bit=False).exact
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"preset": "fast"}, "preset must be one of 'exact', 'balanced', 'aggressive'"),
+        ({"memory_bugdet": 0.5}, "did you mean 'memory_budget'"),
+        ({"memory_budget": 1.5}, "memory_budget must lie in [0, 1]"),
+        ({"memory_budget": True}, "memory_budget must be a number"),
+        ({"memory_budget": "half"}, "memory_budget must be a number"),
+        ({"act2bit": "yes"}, "act2bit must be True or False"),
+        ({"act2bit_ops": ["gelu", "relu"]}, "act2bit_ops entries must be among 'gelu', 'silu'"),
+        ({"kernels": "cuda"}, "kernels must be one of 'auto', 'torch', 'triton'"),
+        ({"on_error": "ignore"}, "on_error must be one of 'fallback', 'raise'"),
+        ({"exclude": [""]}, "exclude must be a sequence of non-empty strings"),
+    ],
+)
+def test_bad_options_name_the_field(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        fxshear.backend(**options)
+    assert message in str(error.value)
+
+
+def test_string_backend_rejects_bad_options_on_first_call() -> None:
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="fxshear", options={"presett": "exact"})
+    with pytest.raises(Exception, match="did you mean 'preset'"):
+        compiled(torch.randn(2, 4))
+
+
+def test_config_json_is_stable() -> None:
+    a = ShearConfig.from_options(preset="exact", exclude=["head*"])
+    b = ShearConfig.from_options(exclude=("head*",), preset="exact")
+    assert a.to_json() == b.to_json()
