@@ -9,9 +9,12 @@ from .api import ledger, regions_of
 from .backend import ShearBackend, backend
 from .config import PRESETS, ConfigError, ShearConfig
 from .graph.ledger import Ledger, ModelLedger, SavedTensor
+from .integrations import register_accelerate_backend
 from .measure import SavedBytes, measure_saved_bytes
 
 __version__ = "0.1.0"
+
+register_accelerate_backend()  # lets transformers' Trainer name torch_compile_backend="fxshear"
 
 
 def inspect(model, *example_inputs, preset: str = "balanced", **overrides):  # noqa: ANN001, ANN201
@@ -24,4 +27,5 @@ def inspect(model, *example_inputs, preset: str = "balanced", **overrides):  # n
 __all__ = [
     "PRESETS", "ConfigError", "Ledger", "ModelLedger", "SavedBytes", "SavedTensor", "ShearBackend",
     "ShearConfig", "backend", "inspect", "ledger", "measure_saved_bytes", "regions_of",
+    "register_accelerate_backend",
 ]

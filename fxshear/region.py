@@ -171,13 +171,7 @@ class Region:
     def readable_graphs(self) -> dict[str, str]:
         """Joint, forward and backward graphs as text (for diffs)."""
         partition = self.ensure_partition()
-        if partition is None:
-            return {}
-        return {
-            "joint": _readable(partition.joint),
-            "forward": _readable(partition.forward),
-            "backward": _readable(partition.backward),
-        }
+        return dict(partition.readable) if partition is not None else {}
 
 
 def graph_diff(before: str, after: str, label_before: str, label_after: str) -> str:
@@ -187,13 +181,6 @@ def graph_diff(before: str, after: str, label_before: str, label_after: str) -> 
             before.splitlines(keepends=True), after.splitlines(keepends=True), label_before, label_after
         )
     )
-
-
-def _readable(gm: torch.fx.GraphModule) -> str:
-    try:
-        return gm.print_readable(print_output=False, include_stride=False, include_device=False)
-    except TypeError:  # older signature
-        return gm.print_readable(print_output=False)
 
 
 def no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:

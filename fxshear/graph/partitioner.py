@@ -24,13 +24,24 @@ from ..config import ShearConfig
 
 @dataclass
 class Partition:
-    """What one min-cut produced, as the region needs it for its ledger and its report."""
+    """What one min-cut produced, as the region needs it for its ledger and its report.
 
-    joint: torch.fx.GraphModule
+    The readable graphs are rendered at once: Inductor goes on to compile (and mutate) the
+    forward and backward modules, and the report must show them as partitioned.
+    """
+
     forward: torch.fx.GraphModule
-    backward: torch.fx.GraphModule
     num_fwd_outputs: int
     static_input_indices: list[int] | None
+    readable: dict[str, str]
+
+
+def readable_graph(gm: torch.fx.GraphModule) -> str:
+    """The graph as annotated Python, the form used for diffs."""
+    try:
+        return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    except TypeError:  # older signature
+        return gm.print_readable(print_output=False)
 
 
 #: Set by the backend while it compiles a region; the partitioner hands its result to it.
@@ -56,18 +67,18 @@ class ShearPartitioner(CustomPartitionerFn):
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         recorder = current_recorder.get()
-        # The joint graph is consumed by the partitioner; keep a readable copy for the report.
-        joint_copy = _copy(gm) if recorder is not None else None
+        # The partitioner consumes the joint graph; render it first.
+        joint_text = readable_graph(gm) if recorder is not None else ""
         with activation_memory_budget(self.cfg.memory_budget):
             forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         if recorder is not None:
             recorder(
                 Partition(
-                    joint=joint_copy,
                     forward=forward,
-                    backward=backward,
                     num_fwd_outputs=int(kwargs["num_fwd_outputs"]),
                     static_input_indices=kwargs.get("static_lifetime_input_indices"),
+                    readable={"joint": joint_text, "forward": readable_graph(forward),
+                              "backward": readable_graph(backward)},
                 )
             )
         return forward, backward
@@ -76,9 +87,3 @@ class ShearPartitioner(CustomPartitionerFn):
         extra = f"{self.cfg.to_json()}|torch={torch.__version__}"
         return get_hash_for_files(fxshear_source_files(), extra=extra)
 
-
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    graph = torch.fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    return torch.fx.GraphModule(gm, graph)
