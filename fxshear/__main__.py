@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         with console.status(f"tracing {example.name} under torch.compile and fxshear"):
             report = inspect(example.model, preset=args.preset, example_kwargs=batch, **dict(args.option))
     except (ConfigError, ValueError, TypeError, ModuleNotFoundError) as error:
-        console.print(f"[red]fxshear inspect: {error}[/red]")
+        console.print(f"[red]fxshear inspect: {error}[/red]", soft_wrap=True)
         return 2
     report.print()
     if args.html:

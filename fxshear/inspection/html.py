@@ -6,9 +6,10 @@ import html
 from typing import TYPE_CHECKING
 
 from ..graph.ledger import ModelLedger
+from .report import left_alone
 
 if TYPE_CHECKING:
-    from .report import InspectionReport
+    from .report import InspectionReport  # noqa: F401
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
@@ -73,11 +74,8 @@ def render_html(report: InspectionReport) -> str:
     pass_rows = []
     for region in report.passes:
         for r in region.reports:
-            reasons: dict[str, int] = {}
-            for skip in r.skipped:
-                reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
             pass_rows.append([region.region, r.name, str(len(r.rewritten)), ", ".join(r.rewritten),
-                              "; ".join(f"{n}x {k}" for k, n in reasons.items()), r.error or ""])
+                              left_alone(r), r.error or ""])
         if region.fallback_reason:
             pass_rows.append([region.region, "(fallback)", "0", "", "", region.fallback_reason])
     by_pass = _table(["pass", "activation bytes its ops save"],

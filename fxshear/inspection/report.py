@@ -100,9 +100,8 @@ class InspectionReport:
             table.add_column(column)
         for region in self.passes:
             for report in region.reports:
-                reasons = _count_reasons(report)
                 table.add_row(region.region, report.name, str(len(report.rewritten)),
-                              "; ".join(f"{n}x {r}" for r, n in reasons.items()), report.error or "")
+                              left_alone(report), report.error or "")
             if region.fallback_reason:
                 table.add_row(region.region, "(fallback)", "0", "", region.fallback_reason)
         return table
@@ -124,11 +123,12 @@ class InspectionReport:
         return path
 
 
-def _count_reasons(report: PassReport) -> dict[str, int]:
+def left_alone(report: PassReport) -> str:
+    """Skip reasons with their counts, then notes about patterns not matched at all."""
     reasons: dict[str, int] = {}
     for skip in report.skipped:
         reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-    return reasons
+    return "; ".join([f"{n}x {r}" for r, n in reasons.items()] + list(report.notes))
 
 
 def _mib(n: int) -> str:
