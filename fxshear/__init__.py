@@ -17,11 +17,15 @@ __version__ = "0.1.0"
 register_accelerate_backend()  # lets transformers' Trainer name torch_compile_backend="fxshear"
 
 
-def inspect(model, *example_inputs, preset: str = "balanced", **overrides):  # noqa: ANN001, ANN201
-    """Compare what fxshear and plain torch.compile save for ``model(*example_inputs)``."""
+def inspect(model, *example_inputs, preset: str = "balanced", example_kwargs=None, **overrides):  # noqa: ANN001, ANN201
+    """Compare what fxshear and plain torch.compile save for ``model(*example_inputs, **example_kwargs)``.
+
+    ``overrides`` are fxshear options (e.g. ``memory_budget=0.5``). Returns an
+    :class:`fxshear.inspection.InspectionReport` (``.print()``, ``.diff()``, ``.save_html()``).
+    """
     from .inspection.report import inspect as _inspect
 
-    return _inspect(model, *example_inputs, preset=preset, **overrides)
+    return _inspect(model, *example_inputs, preset=preset, example_kwargs=example_kwargs, **overrides)
 
 
 __all__ = [

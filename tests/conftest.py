@@ -13,6 +13,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors under the interpreter. This must be set before anything
+    # imports triton (torch.library and Inductor may, while other test modules are collected):
+    # triton's own library functions (tl.sum...) are only interpreted if it is set at import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import fxshear
 from fxshear.__main__ import main
@@ -69,3 +70,14 @@ def test_cli_rejects_bad_options(capsys) -> None:  # noqa: ANN001
     assert main(["inspect", "--model", "llama", "--option", "memroy_budget=0.5"]) == 2
     assert "did you mean 'memory_budget'" in capsys.readouterr().out
     assert main(["inspect", "--model", "bert-large"]) == 2
+
+
+def test_inspect_leaves_the_users_compiled_model_alone() -> None:
+    example = build_model("llama", dropout=False)
+    batch = example.make_batch(2, 16)
+    backend = fxshear.ShearBackend(fxshear.ShearConfig.from_options(), codegen=False)
+    compiled = torch.compile(example.model, backend=backend)
+    example.loss(compiled, batch).backward()
+    fxshear.inspect(example.model, example_kwargs=batch)
+    example.loss(compiled, batch).backward()
+    assert len(backend.regions) == 1  # no recompile of the user's model after inspecting it

@@ -7,6 +7,8 @@ model takes seconds.  The numbers are read from the partitioned graphs, never fr
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,13 +116,14 @@ class InspectionReport:
         console.print(self.pass_table())
         console.print(self.shear.table("fxshear: activations saved for backward"))
 
-    def save_html(self, path: str) -> str:
-        """Write one self-contained HTML page; returns the path."""
+    def save_html(self, path: str | os.PathLike[str]) -> str:
+        """Write one self-contained HTML page (creating its folder); returns the absolute path."""
         from .html import render_html
 
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(render_html(self))
-        return path
+        target = pathlib.Path(path).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(render_html(self), encoding="utf-8")
+        return str(target)
 
 
 def left_alone(report: PassReport) -> str:
@@ -156,11 +159,10 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, preset: str = "balance
     kwargs = dict(example_kwargs or {})
     baseline = ShearBackend(baseline_cfg, codegen=False)
     shear = ShearBackend(cfg, codegen=False)
-    torch._dynamo.reset()  # each side gets its own trace, not the other's cached graph
+    # Dynamo guards its cache entries on the backend, so each side gets its own trace and the
+    # user's compiled models keep theirs (no torch._dynamo.reset()).
     before = _analyse(model, baseline, example_inputs, kwargs)
-    torch._dynamo.reset()
     after = _analyse(model, shear, example_inputs, kwargs)
-    torch._dynamo.reset()
     return InspectionReport(
         config=cfg,
         baseline=ModelLedger([r.ledger for r in before]),
