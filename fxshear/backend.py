@@ -21,6 +21,7 @@ import torch.fx
 from .compat import caches_disabled, check_torch_version
 from .config import ShearConfig
 from .graph.partitioner import ShearPartitioner, current_recorder
+from .kernels.act2bit_inductor import LowerAct2BitOnCpu
 from .log import log
 from .passes import PASSES
 from .passes.base import PassReport
@@ -89,11 +90,13 @@ class ShearBackend:
         from torch._inductor.compile_fx import compile_fx
 
         region.index_origins(gm)
-        region.partition = None  # a failed first attempt may have left one behind
+        region.partition = region.saved = None  # a failed first attempt may have left them behind
         token = current_recorder.set(region.recorder(id(gm.graph)))
         patches = {"custom_partitioner_fn": ShearPartitioner(self.cfg)}
         try:
             if self.codegen:
+                # After the partition, fxshear's ops on CPU become aten math Inductor can fuse.
+                patches["post_grad_custom_pre_pass"] = LowerAct2BitOnCpu()
                 return compile_fx(gm, example_inputs, config_patches=patches)
             with caches_disabled():
                 return compile_fx(gm, example_inputs, inner_compile=no_codegen, config_patches=patches)

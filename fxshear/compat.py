@@ -39,7 +39,11 @@ except ImportError:  # 2.11
     from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
 
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # stable 2.11-2.14
-from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files  # noqa: F401
+from torch._inductor.custom_graph_pass import (  # noqa: F401  (stable 2.11-2.14)
+    CustomGraphPass,
+    CustomPartitionerFn,
+    get_hash_for_files,
+)
 
 CustomPassBase = _PassBase
 

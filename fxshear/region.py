@@ -66,7 +66,7 @@ class Region:
     pass_reports: list[PassReport] = field(default_factory=list)
     fallback_reason: str | None = None
     partition: Partition | None = None
-    partitioned_graph_id: int = -1
+    saved: Ledger | None = None
     origins: dict[str, Origin] = field(default_factory=dict)
     input_origins: list[Origin] = field(default_factory=list)
     parameter_ids: frozenset[int] = frozenset()
@@ -100,7 +100,6 @@ class Region:
         A private copy is kept for replays, since compiling may rewrite ``gm`` in place.
         """
         self.graph = copy_graph_module(gm)
-        self.partitioned_graph_id = id(gm.graph)
         self.origins = {n.name: _origin(n) for n in gm.graph.nodes}
         self.input_origins = [_placeholder_origin(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
@@ -108,8 +107,18 @@ class Region:
         """A callback for the partitioner: the partition of the graph ``graph_id``."""
 
         def record(partition: Partition) -> None:
+            # Read the ledger now: Inductor's post-grad passes rewrite the forward graph in place.
             self.partition = partition
-            self.partitioned_graph_id = graph_id
+            self.saved = build_ledger(
+                self.name,
+                partition.forward,
+                partition.num_fwd_outputs,
+                partition.static_input_indices,
+                self.origins,
+                graph_id,
+                self.input_origins,
+                self.parameter_indices(),
+            )
 
         return record
 
@@ -154,19 +163,8 @@ class Region:
 
     @property
     def ledger(self) -> Ledger:
-        partition = self.ensure_partition()
-        if partition is None:
-            return Ledger(self.name)
-        return build_ledger(
-            self.name,
-            partition.forward,
-            partition.num_fwd_outputs,
-            partition.static_input_indices,
-            self.origins,
-            self.partitioned_graph_id,
-            self.input_origins,
-            self.parameter_indices(),
-        )
+        self.ensure_partition()
+        return self.saved if self.saved is not None else Ledger(self.name)
 
     def readable_graphs(self) -> dict[str, str]:
         """Joint, forward and backward graphs as text (for diffs)."""

@@ -113,3 +113,34 @@ def test_bad_arguments_are_clear() -> None:
         act2bit(x, "gelu", "erf", "torch")
     with pytest.raises(ValueError, match="impl must be one of"):
         act2bit(x, "gelu", "none", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton path runs on CUDA only")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_triton_path_on_cuda(dtype: torch.dtype) -> None:
+    x = torch.randn(33, 130, dtype=dtype, device="cuda", requires_grad=True)
+    torch.library.opcheck(act2bit, (x, "gelu", "none", "triton"))
+    torch.library.opcheck(act2bit, (x, "silu", "none", "triton"))
+    y, codes = act2bit(x.detach(), "gelu", "tanh", "triton")
+    ref_y, ref_codes = act2bit(x.detach().cpu(), "gelu", "tanh", "torch")
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(y.cpu(), ref_y)
+    torch.library.opcheck(act2bit_backward, (torch.randn_like(x), codes, "gelu", "triton"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 19), min_size=1, max_size=3).map(tuple),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["gelu", "silu"]),
+)
+def test_aten_lowering_equals_the_reference(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> None:
+    """The math Inductor fuses on CPU is the reference, bit for bit (eagerly evaluated)."""
+    from fxshear.kernels.act2bit_inductor import fused_backward, fused_forward
+
+    x = (torch.randn(shape) * 4).to(dtype)
+    y, packed = fused_forward(x, kind, "none")
+    assert torch.equal(packed, encode_reference(x, kind))
+    grad = torch.randn(shape).to(dtype)
+    assert torch.equal(fused_backward(grad, packed, kind), act2bit_backward(grad, packed, kind, "torch"))

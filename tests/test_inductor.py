@@ -100,3 +100,27 @@ def test_warm_cache_gives_the_same_graphs_ledger_and_numbers(tmp_path: Path) -> 
     exact = _compile_in_fresh_process(tmp_path, "exact")
     assert exact["ledger"] != cold["ledger"]
     assert not any(e["introduced_by"] for r in exact["ledger"]["regions"] for e in r["entries"])
+
+
+def test_cpu_lowering_fuses_the_op_and_keeps_codes_exact() -> None:
+    """On CPU the op is lowered after partitioning: no eager fallback call in the generated code,
+    and the codes Inductor computes equal the reference for values on the thresholds."""
+    from torch._inductor.utils import run_and_get_code
+
+    from fxshear.kernels.act2bit_reference import STEPS
+
+    thresholds = torch.tensor(STEPS["gelu"].thresholds, dtype=torch.float32)
+    x = torch.cat([thresholds, torch.nextafter(thresholds, thresholds + 1), torch.randn(90) * 4])
+    x = x.reshape(4, 24).requires_grad_()
+    grad = torch.randn(4, 24)
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(t * 1.0)
+
+    compiled = torch.compile(step, backend=fxshear.backend(preset="balanced"))
+    out, codes = run_and_get_code(lambda: torch.autograd.grad(compiled(x), x, grad))
+    from fxshear.kernels.act2bit import gelu2
+
+    (expected,) = torch.autograd.grad(gelu2(x * 1.0, "none", "torch"), x, grad)
+    assert torch.equal(out[0], expected)
+    assert not any("torch.ops.fxshear" in code for code in codes)

@@ -26,8 +26,8 @@ from ..config import ShearConfig
 class Partition:
     """What one min-cut produced, as the region needs it for its ledger and its report.
 
-    The readable graphs are rendered at once: Inductor goes on to compile (and mutate) the
-    forward and backward modules, and the report must show them as partitioned.
+    The readable graphs are rendered at once, and the recorder must read ``forward`` before
+    returning: Inductor goes on to compile (and mutate) the forward and backward modules.
     """
 
     forward: torch.fx.GraphModule
