@@ -268,19 +268,24 @@ def _build_llama(*, size: str, seed: int, dropout: bool, attn_implementation: st
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).train()
 
-    def make_batch(batch_size: int, seq_len: int, seed: int = 0) -> Batch:
-        _check_batch_args(batch_size, seq_len, config.max_position_embeddings)
-        input_ids = _random_token_ids(batch_size, seq_len, config.vocab_size, seed)
-        return {"input_ids": input_ids, "labels": input_ids.clone()}
-
-    return ExampleModel(
-        name="llama",
-        model=model,
-        make_batch=make_batch,
-        loss=_hf_output_loss,
-        description=f"random LLaMA ({size}): {dims['num_hidden_layers']}x{dims['hidden_size']}, "
+    return _causal_lm_example(
+        "llama", model, config.max_position_embeddings, config.vocab_size,
+        f"random LLaMA ({size}): {dims['num_hidden_layers']}x{dims['hidden_size']}, "
         "SiLU-gated MLP, RMSNorm, GQA; causal-LM loss",
     )
+
+
+def _causal_lm_example(name: str, model: nn.Module, max_positions: int, vocab_size: int,
+                       description: str) -> ExampleModel:
+    """An ExampleModel for a causal LM: random token batches, labels = inputs."""
+
+    def make_batch(batch_size: int, seq_len: int, seed: int = 0) -> Batch:
+        _check_batch_args(batch_size, seq_len, max_positions)
+        input_ids = _random_token_ids(batch_size, seq_len, vocab_size, seed)
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+    return ExampleModel(name=name, model=model, make_batch=make_batch, loss=_hf_output_loss,
+                        description=description)
 
 
 def _build_gpt2(*, size: str, seed: int, dropout: bool, attn_implementation: str) -> ExampleModel:
@@ -306,18 +311,10 @@ def _build_gpt2(*, size: str, seed: int, dropout: bool, attn_implementation: str
     model = GPT2LMHeadModel(config).train()
     model.loss_type = "ForCausalLM"  # the class name does not map to a loss; silence the warning
 
-    def make_batch(batch_size: int, seq_len: int, seed: int = 0) -> Batch:
-        _check_batch_args(batch_size, seq_len, config.n_positions)
-        input_ids = _random_token_ids(batch_size, seq_len, config.vocab_size, seed)
-        return {"input_ids": input_ids, "labels": input_ids.clone()}
-
-    return ExampleModel(
-        name="gpt2",
-        model=model,
-        make_batch=make_batch,
-        loss=_hf_output_loss,
-        description=f"random GPT-2 ({size}): {dims['n_layer']}x{dims['n_embd']}, gelu_new, "
-        "tied embeddings; causal-LM loss",
+    return _causal_lm_example(
+        "gpt2", model, config.n_positions, config.vocab_size,
+        f"random GPT-2 ({size}): {dims['n_layer']}x{dims['n_embd']}, gelu_new, tied embeddings; "
+        "causal-LM loss",
     )
 
 
