@@ -1,0 +1,552 @@
+"""Saved-for-backward memory and step time: eager vs torch.compile vs fxshear, one process run.
+
+    python benchmarks/saved_memory.py [--models minilm,llama] [--steps N] [--quick] [--out DIR]
+
+Why one process: on a small CPU machine a cold Inductor compile of MiniLM takes minutes, so every
+configuration compiles exactly once and nothing else runs (parallel jobs would make the step
+times meaningless).  Each configuration gets a fresh model built with the same seed and its own
+backend, so Dynamo keeps a separate compiled graph per row.  The timed steps then run
+round-robin, one step of each row in turn, so machine drift affects every row alike.
+
+What is measured per configuration: one compile/warm-up training step (``compile_s``), then
+``--steps`` timed training steps (forward + backward, gradients dropped; no optimizer because
+the optimizer does not change what is saved for backward).  Saved activation bytes are counted
+at run time with ``fxshear.measure_saved_bytes`` (a ``saved_tensors_hooks`` count that returns
+tensors unchanged, so measuring does not change what is saved) for every row, eager included;
+fxshear rows also report the bytes their ledger predicts from the partitioned graphs.
+
+``--quick`` is a smoke test (tiny shapes, two steps) that writes to /tmp by default so it never
+overwrites the committed results in benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from torch import nn
+
+import fxshear
+from fxshear.models import ExampleModel, build_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+QUICK_OUT = Path(tempfile.gettempdir()) / "fxshear-bench-quick"
+BASELINE = "torch.compile"  # the row every ratio is taken against
+SEED = 0
+MIB = 1024 * 1024
+
+Batch = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------
+# what is benchmarked
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the benchmark: how to wrap the model, and which partitioner knob to patch.
+
+    ``functorch_budget`` patches ``torch._functorch.config.activation_memory_budget`` around
+    every training step: the compiling first call (where the partition is chosen, lazily for
+    the backward) as well as the later ones, so the knob is in force whenever it is read.
+    """
+
+    name: str
+    wrap: Callable[[nn.Module], nn.Module]
+    functorch_budget: float | None = None
+    uses_fxshear: bool = False
+
+    def step_context(self) -> contextlib.AbstractContextManager[Any]:
+        if self.functorch_budget is None:
+            return contextlib.nullcontext()
+        return torch._functorch.config.patch(activation_memory_budget=self.functorch_budget)
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _inductor(model: nn.Module) -> nn.Module:
+    return torch.compile(model)
+
+
+def _with_fxshear(preset: str, **overrides: Any) -> Callable[[nn.Module], nn.Module]:
+    """A wrapper that builds a fresh fxshear backend per model (so its ledger is this model's)."""
+
+    def wrap(model: nn.Module) -> nn.Module:
+        return torch.compile(model, backend=fxshear.backend(preset=preset, **overrides))
+
+    return wrap
+
+
+CONFIGS: list[BenchConfig] = [
+    BenchConfig("eager", _eager),
+    BenchConfig(BASELINE, _inductor),
+    BenchConfig("torch.compile budget=0.5", _inductor, functorch_budget=0.5),
+    BenchConfig("torch.compile budget=0.1", _inductor, functorch_budget=0.1),
+    BenchConfig("fxshear exact", _with_fxshear("exact"), uses_fxshear=True),
+    BenchConfig("fxshear balanced", _with_fxshear("balanced"), uses_fxshear=True),
+    BenchConfig("fxshear balanced budget=0.5", _with_fxshear("balanced", memory_budget=0.5),
+                uses_fxshear=True),
+    BenchConfig("fxshear balanced budget=0.1", _with_fxshear("balanced", memory_budget=0.1),
+                uses_fxshear=True),
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model and the batch shape it is benchmarked at (fp32, dropout on)."""
+
+    name: str
+    size: str
+    batch: int
+    seq: int
+
+    def build(self) -> ExampleModel:
+        return build_model(self.name, size=self.size, seed=SEED, dropout=True)
+
+    @property
+    def label(self) -> str:
+        size = "" if self.name == "minilm" else f" ({self.size})"
+        return f"{self.name}{size}, batch {self.batch}, seq {self.seq}, fp32, dropout 0.1"
+
+
+FULL_MODELS = {
+    "minilm": ModelSpec("minilm", "bench", batch=16, seq=128),  # size is ignored: real weights
+    "llama": ModelSpec("llama", "bench", batch=8, seq=256),
+}
+QUICK_MODELS = {
+    "minilm": ModelSpec("minilm", "bench", batch=2, seq=32),
+    "llama": ModelSpec("llama", "small", batch=2, seq=32),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# one configuration
+
+
+@dataclass
+class Row:
+    """Everything recorded for one (model, configuration); ``error`` set when it failed."""
+
+    model: str
+    config: str
+    saved_activation_bytes: int | None = None
+    saved_parameter_bytes: int | None = None
+    saved_input_bytes: int | None = None
+    ledger_activation_bytes: int | None = None
+    parameter_bytes: int | None = None
+    first_loss: float | None = None
+    compile_s: float | None = None
+    step_s_median: float | None = None
+    step_s_all: list[float] = field(default_factory=list)
+    saved_ratio: float | None = None
+    time_ratio: float | None = None
+    peak_rss_mib_process: float | None = None
+    error: str | None = None
+
+    @property
+    def saved_mib(self) -> float | None:
+        return None if self.saved_activation_bytes is None else self.saved_activation_bytes / MIB
+
+    @property
+    def ledger_mib(self) -> float | None:
+        return None if self.ledger_activation_bytes is None else self.ledger_activation_bytes / MIB
+
+
+class LossOf(nn.Module):
+    """``example.loss(module, batch)`` as a module, for ``fxshear.measure_saved_bytes``.
+
+    Why not a lambda: ``measure_saved_bytes`` recognises parameters by the storages of the
+    callable's own parameters; a lambda has none, so views of weights that autograd saves
+    (``weight.t()`` for a linear layer) would be counted as activations.  Registering the
+    (compiled) module as a submodule exposes its parameters without changing the call.
+    """
+
+    def __init__(self, example: ExampleModel, module: nn.Module) -> None:
+        super().__init__()
+        self.example = example
+        self.module = module
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.example.loss(self.module, batch)
+
+
+@dataclass
+class StepResult:
+    seconds: float
+    loss: float
+    saved: fxshear.SavedBytes
+
+
+def training_step(loss_of: LossOf, batch: Batch, params: list[nn.Parameter],
+                  cfg: BenchConfig) -> StepResult:
+    """Forward (saved bytes counted) + backward + drop gradients, timed on the wall clock."""
+    start = time.perf_counter()
+    with cfg.step_context():
+        saved = fxshear.measure_saved_bytes(loss_of, **batch)
+        loss = saved.output
+        loss.backward()
+    for p in params:
+        p.grad = None
+    seconds = time.perf_counter() - start
+    saved.output = None  # drop the graph's output so nothing outlives the step
+    return StepResult(seconds, float(loss.detach()), saved)
+
+
+def peak_rss_mib() -> float:
+    """Process peak RSS; ru_maxrss is KiB on Linux (bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class Prepared:
+    """A compiled configuration waiting for its timed steps."""
+
+    cfg: BenchConfig
+    row: Row
+    model: nn.Module
+    loss_of: LossOf
+    batch: Batch
+    params: list[nn.Parameter]
+    timed: list[StepResult] = field(default_factory=list)
+
+
+def prepare_config(spec: ModelSpec, cfg: BenchConfig) -> Prepared:
+    """Fresh model (same seed for every row) and its first, compiling, step."""
+    row = Row(model=spec.name, config=cfg.name)
+    example = spec.build()
+    model = example.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    row.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch = example.make_batch(spec.batch, spec.seq, seed=SEED)
+    loss_of = LossOf(example, cfg.wrap(model))
+    torch.manual_seed(SEED)  # same dropout stream for the first step of every row
+    first = training_step(loss_of, batch, params, cfg)
+    row.compile_s, row.first_loss = first.seconds, first.loss
+    return Prepared(cfg, row, model, loss_of, batch, params)
+
+
+def finish_row(prepared: Prepared) -> Row:
+    """Median step time and the saved bytes of the last timed step."""
+    row = prepared.row
+    row.step_s_all = [r.seconds for r in prepared.timed]
+    row.step_s_median = statistics.median(row.step_s_all)
+    last = prepared.timed[-1].saved
+    row.saved_activation_bytes = last.activation_bytes
+    row.saved_parameter_bytes = last.parameter_bytes
+    row.saved_input_bytes = last.input_bytes
+    if prepared.cfg.uses_fxshear:
+        row.ledger_activation_bytes = fxshear.ledger(prepared.model).activation_bytes
+    return row
+
+
+def run_model(spec: ModelSpec, configs: list[BenchConfig], steps: int,
+              progress: Progress, overall: Any) -> list[Row]:
+    """Compile every configuration, then time them round-robin, one step of each in turn.
+
+    Why round-robin: on a shared 2-core machine the speed drifts by 10-30% over minutes;
+    timing the rows one after another would put that drift into the ratios.  Interleaved,
+    every row sees the same drift.  Dynamo keys its cache on the backend, so the compiled
+    rows live side by side without a reset (the recompile limit is raised for them).
+    """
+    torch._dynamo.reset()
+    failed: list[Row] = []
+    prepared: list[Prepared] = []
+    compile_task = progress.add_task(f"{spec.name}: compiling", total=len(configs))
+    for cfg in configs:
+        try:
+            prepared.append(prepare_config(spec, cfg))
+        except Exception as error:  # noqa: BLE001 - record the failure, benchmark the rest
+            row = Row(model=spec.name, config=cfg.name, error=f"{type(error).__name__}: {error}")
+            progress.console.print(f"[red]{spec.name} / {cfg.name} failed:[/red] {row.error}")
+            failed.append(row)
+        progress.advance(compile_task)
+    progress.remove_task(compile_task)
+    timing_task = progress.add_task(f"{spec.name}: timing round-robin", total=steps * len(prepared))
+    for _ in range(steps):
+        for item in prepared:
+            item.timed.append(training_step(item.loss_of, item.batch, item.params, item.cfg))
+            progress.advance(timing_task)
+    progress.remove_task(timing_task)
+    rows = []
+    for item in prepared:
+        row = finish_row(item)
+        row.peak_rss_mib_process = peak_rss_mib()
+        progress.console.print(row_summary(row))  # one line per row, readable in a log file
+        rows.append(row)
+    rows.extend(failed)
+    order = {cfg.name: k for k, cfg in enumerate(configs)}
+    rows.sort(key=lambda r: order[r.config])
+    progress.advance(overall, len(configs))
+    prepared.clear()
+    gc.collect()
+    add_ratios(rows)
+    return rows
+
+
+def row_summary(row: Row) -> str:
+    """A log line per finished row (rich shows no live progress when output is not a terminal)."""
+    if row.error is not None:
+        return f"{row.model} / {row.config}: error"
+    return (f"{row.model} / {row.config}: saved {row.saved_mib:.1f} MiB, "
+            f"step {row.step_s_median:.3f} s, compile {row.compile_s:.1f} s")
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """saved_ratio and time_ratio against the plain torch.compile row of the same model."""
+    base = next((r for r in rows if r.config == BASELINE and r.error is None), None)
+    if base is None:
+        return
+    for r in rows:
+        if r.error is not None:
+            continue
+        if base.saved_activation_bytes:
+            r.saved_ratio = r.saved_activation_bytes / base.saved_activation_bytes
+        if base.step_s_median:
+            r.time_ratio = r.step_s_median / base.step_s_median
+
+
+# ---------------------------------------------------------------------------------------
+# environment
+
+
+def git_commit() -> str | None:
+    """Short commit of the checkout, with "-dirty" for uncommitted changes; None if no git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, check=True,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, check=True, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "fxshear": fxshear.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+
+
+@contextlib.contextmanager
+def inductor_cache(warm: bool) -> Iterator[str]:
+    """A fresh, empty Inductor cache for the run unless ``warm``.
+
+    Why: with a warm on-disk cache ``compile_s`` depends on what ran before on this machine;
+    a fresh directory makes it a cold compile every time.  Within one process, later rows still
+    reuse identical kernels compiled for earlier rows (Inductor's in-memory code caches).
+    Set before the first compile, which is when Inductor first reads the variable.
+    """
+    if warm:
+        yield os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default (warm)")
+        return
+    path = tempfile.mkdtemp(prefix="fxshear-bench-inductor-")
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# output
+
+NOTES = [
+    "saved activations: unique storages autograd saves for backward during one timed step, "
+    "counted at run time with fxshear.measure_saved_bytes (parameters and inputs excluded).",
+    "ledger: what fxshear's ledger predicts from the partitioned graphs (fxshear rows only).",
+    "step time: median wall-clock of the timed forward+backward steps, taken round-robin across "
+    "all rows of a model (one step of each in turn) so that machine drift hits every row alike; "
+    "compile: the first step.",
+    "first loss: loss of the first step after torch.manual_seed(0); with dropout on, eager and "
+    "Inductor draw dropout masks differently, so only compiled exact rows are expected to match.",
+    "peak_rss_mib_process: ru_maxrss of the process once all rows of the model are compiled and "
+    "timed side by side: an upper bound shared by the rows, not a per-row peak.",
+]
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table_cells(row: Row) -> list[str]:
+    """The Markdown/rich cells of one row, in HEADERS order."""
+    if row.error is not None:
+        return [row.config, "error", *["—"] * 7]
+    return [
+        row.config,
+        _fmt(row.saved_mib, ".1f"),
+        _fmt(row.ledger_mib, ".1f"),
+        _fmt(row.saved_ratio, ".2f", "×"),
+        _fmt(row.step_s_median, ".3f"),
+        _fmt(row.time_ratio, ".2f", "×"),
+        _fmt(row.compile_s, ".1f"),
+        _fmt(row.first_loss, ".4f"),
+        _fmt(row.peak_rss_mib_process, ".0f"),
+    ]
+
+
+HEADERS = [
+    "config", "saved activations (MiB, run time)", "ledger (MiB)", "vs torch.compile",
+    "step time (s)", "vs torch.compile", "compile (s)", "first loss", "peak_rss_mib_process",
+]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """benchmarks/results/saved_memory.md: one table per model, machine and how to reproduce."""
+    m = results["machine"]
+    lines = [
+        "# Saved-for-backward memory: eager vs torch.compile vs fxshear",
+        "",
+        f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs "
+        f"({m['torch_threads']} torch threads), torch {m['torch']}, Python {m['python']}, "
+        f"fxshear {m['fxshear']} @ {m['git_commit'] or 'unknown commit'}; date {m['date']}; "
+        f"total wall time {results['wall_s']:.0f} s.",
+        "",
+        f"Reproduce: `{results['command']}` (all rows in one process, timed round-robin, on an "
+        "otherwise idle machine).",
+    ]
+    for spec_label, rows in results["models"].items():
+        lines += ["", f"## {spec_label}", "",
+                  "| " + " | ".join(HEADERS) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|"]
+        lines += ["| " + " | ".join(table_cells(Row(**r))) + " |" for r in rows]
+        errors = [r for r in rows if r["error"]]
+        if errors:
+            lines += [""] + [f"- {r['config']} failed: `{r['error']}`" for r in errors]
+    lines += ["", "Notes:", ""] + [f"- {note}" for note in NOTES]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(title: str, rows: list[Row]) -> Table:
+    table = Table(title=title)
+    for i, header in enumerate(HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*table_cells(row), style="red" if row.error else None)
+    return table
+
+
+def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "saved_memory.json", out / "saved_memory.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(markdown(results))
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,llama",
+                        help="comma-separated subset of: " + ", ".join(FULL_MODELS))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per configuration (default 6; 2 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny shapes, llama size=small, 2 steps, output in /tmp")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default {DEFAULT_OUT.relative_to(REPO_ROOT)}; "
+                        f"with --quick {QUICK_OUT})")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="use the existing Inductor cache instead of a fresh empty one "
+                        "(compile times then depend on earlier runs)")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in FULL_MODELS]
+    if unknown or not args.models:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(FULL_MODELS)}")
+    if args.steps is None:
+        args.steps = 2 if args.quick else 6
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Every row of a model keeps its own compiled graph of the same forward: allow them all.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(CONFIGS)))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and pipes: do not squeeze the tables to 80 columns
+    specs = [(QUICK_MODELS if args.quick else FULL_MODELS)[name] for name in args.models]
+    start = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick,
+                               "steps": args.steps, "notes": NOTES, "models": {}}
+    all_rows: dict[str, list[Row]] = {}
+    with inductor_cache(args.warm_cache) as cache_dir, Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console,
+    ) as progress:
+        results["inductor_cache"] = "warm: " + cache_dir if args.warm_cache else "fresh (cold)"
+        overall = progress.add_task("all configurations", total=len(specs) * len(CONFIGS))
+        for spec in specs:
+            all_rows[spec.label] = run_model(spec, CONFIGS, args.steps, progress, overall)
+    results["wall_s"] = time.perf_counter() - start
+    results["command"] = "python benchmarks/saved_memory.py " + " ".join(
+        (["--quick"] if args.quick else []) + [f"--models {','.join(args.models)}",
+                                               f"--steps {args.steps}"])
+    results["models"] = {label: [asdict(r) for r in rows] for label, rows in all_rows.items()}
+
+    for label, rows in all_rows.items():
+        console.print(rich_table(label, rows))
+    console.print(f"peak_rss_mib_process is monotone within the process (an upper bound per row). "
+                  f"Wall time {results['wall_s']:.0f} s.")
+    json_path, md_path = write_results(results, args.out)
+    console.print(f"wrote {json_path} and {md_path}")
+    return 1 if any(r.error for rows in all_rows.values() for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
