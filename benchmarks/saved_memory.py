@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for label, rows in all_rows.items():
         console.print(rich_table(label, rows))
-    console.print(f"peak_rss_mib_process is monotone within the process (an upper bound per row). "
+    console.print(f"peak_rss_mib_process: process peak once all rows of a model are compiled side by side (an upper bound shared by the rows). "
                   f"Wall time {results['wall_s']:.0f} s.")
     json_path, md_path = write_results(results, args.out)
     console.print(f"wrote {json_path} and {md_path}")
