@@ -71,9 +71,3 @@ def activation_memory_budget(budget: float | None) -> Iterator[None]:
     with functorch_config.patch(activation_memory_budget=budget):
         yield
 
-
-def custom_op_overloads(namespace: str) -> list[torch._ops.OpOverload]:
-    """Every registered overload of ``torch.ops.<namespace>`` (for hashing and opcheck)."""
-    ns = getattr(torch.ops, namespace)
-    return [getattr(getattr(ns, name), "default") for name in dir(ns) if not name.startswith("_")
-            and isinstance(getattr(ns, name), torch._ops.OpOverloadPacket)]
