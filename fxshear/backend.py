@@ -18,14 +18,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from .compat import caches_disabled, check_torch_version
+from .compat import check_torch_version
 from .config import ShearConfig
-from .graph.partitioner import ShearPartitioner, current_recorder
-from .kernels.act2bit_inductor import LowerAct2BitOnCpu
 from .log import log
 from .passes import PASSES
 from .passes.base import PassReport
-from .region import Region, copy_graph_module, no_codegen
+from .region import Region, compile_and_record, copy_graph_module
 
 _backend_ids = itertools.count()
 #: Every backend ever created, so ``fxshear.ledger(model)`` can find a model's regions.
@@ -51,7 +49,7 @@ class ShearBackend:
         return f"ShearBackend(preset={self.cfg.preset!r}, regions={len(self.regions)})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
-        region = Region.create(self.cfg, self.id, gm, example_inputs)
+        region = Region.create(self.cfg, gm, example_inputs)
         self.regions.append(region)
         original = copy_graph_module(gm)
         rewritten = self._run_passes(gm, region) if region.has_backward else gm
@@ -87,21 +85,9 @@ class ShearBackend:
         return gm
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], region: Region) -> Callable:
-        from torch._inductor.compile_fx import compile_fx
-
         region.index_origins(gm)
-        region.partition = region.saved = None  # a failed first attempt may have left them behind
-        token = current_recorder.set(region.recorder(id(gm.graph)))
-        patches = {"custom_partitioner_fn": ShearPartitioner(self.cfg)}
-        try:
-            if self.codegen:
-                # After the partition, fxshear's ops on CPU become aten math Inductor can fuse.
-                patches["post_grad_custom_pre_pass"] = LowerAct2BitOnCpu()
-                return compile_fx(gm, example_inputs, config_patches=patches)
-            with caches_disabled():
-                return compile_fx(gm, example_inputs, inner_compile=no_codegen, config_patches=patches)
-        finally:
-            current_recorder.reset(token)
+        return compile_and_record(gm, example_inputs, self.cfg, region.recorder(id(gm.graph)),
+                                  codegen=self.codegen)
 
 
 def backend(preset: str = "balanced", **overrides: Any) -> ShearBackend:

@@ -9,10 +9,9 @@ generation, which gives the same partition and so the same ledger.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ from .compat import caches_disabled
 from .config import ShearConfig
 from .graph.ledger import Ledger, Origin, build_ledger
 from .graph.partitioner import Partition, ShearPartitioner, current_recorder
+from .kernels.act2bit_inductor import LowerAct2BitOnCpu
 from .passes.base import PASS_META_KEY, PassReport, module_path
 
 _region_counter = itertools.count()
@@ -59,14 +59,13 @@ class Region:
     """Everything fxshear knows about one compiled graph."""
 
     cfg: ShearConfig
-    backend_id: int
     graph: torch.fx.GraphModule
     inputs: list[Any]
     order: int = field(default_factory=lambda: next(_region_counter))
     pass_reports: list[PassReport] = field(default_factory=list)
     fallback_reason: str | None = None
-    partition: Partition | None = None
     saved: Ledger | None = None
+    graphs: dict[str, str] | None = None
     origins: dict[str, Origin] = field(default_factory=dict)
     input_origins: list[Origin] = field(default_factory=list)
     parameter_ids: frozenset[int] = frozenset()
@@ -74,8 +73,7 @@ class Region:
     grad_enabled: bool = True
 
     @classmethod
-    def create(cls, cfg: ShearConfig, backend_id: int, gm: torch.fx.GraphModule,
-               example_inputs: Sequence[Any]) -> Region:
+    def create(cls, cfg: ShearConfig, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Region:
         inputs: list[Any] = []
         for x in example_inputs:
             if isinstance(x, torch.nn.Parameter):
@@ -86,8 +84,7 @@ class Region:
             else:
                 inputs.append(x)
         ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
-        return cls(cfg=cfg, backend_id=backend_id, graph=gm, inputs=inputs, parameter_ids=ids,
-                   grad_enabled=torch.is_grad_enabled())
+        return cls(cfg=cfg, graph=gm, inputs=inputs, parameter_ids=ids, grad_enabled=torch.is_grad_enabled())
 
     @property
     def name(self) -> str:
@@ -97,9 +94,11 @@ class Region:
     def index_origins(self, gm: torch.fx.GraphModule) -> None:
         """Map every node of the graph being compiled to its source line, module and pass.
 
-        A private copy is kept for replays, since compiling may rewrite ``gm`` in place.
+        A private copy is kept for replays, since compiling may rewrite ``gm`` in place.  What a
+        failed earlier attempt recorded is forgotten.
         """
         self.graph = copy_graph_module(gm)
+        self.saved = self.graphs = None
         self.origins = {n.name: _origin(n) for n in gm.graph.nodes}
         self.input_origins = [_placeholder_origin(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
@@ -108,7 +107,7 @@ class Region:
 
         def record(partition: Partition) -> None:
             # Read the ledger now: Inductor's post-grad passes rewrite the forward graph in place.
-            self.partition = partition
+            self.graphs = dict(partition.readable)
             self.saved = build_ledger(
                 self.name,
                 partition.forward,
@@ -136,49 +135,49 @@ class Region:
         return self.grad_enabled and any(isinstance(x, _ParameterRef) or getattr(x, "requires_grad", False) for x in self.inputs)
 
     # -- what is saved --------------------------------------------------------------------
-    def ensure_partition(self) -> Partition | None:
-        """The region's partition, replayed without caches if a warm cache skipped it."""
-        if self.partition is None and self.has_backward:
+    def ensure_recorded(self) -> None:
+        """Replay the partition without caches if a warm cache skipped fxshear's partitioner."""
+        if self.saved is None and self.has_backward:
             self.replay()
-        return self.partition
 
     def replay(self) -> None:
         """Trace and partition the region again with caches off and no code generation."""
-        from torch._inductor.compile_fx import compile_fx
-
         inputs = [x.make() if isinstance(x, (_TensorSpec, _ParameterRef)) else x for x in self.inputs]
         graph = copy_graph_module(self.graph)
-        token = current_recorder.set(self.recorder(id(graph.graph)))
-        try:
-            with caches_disabled():
-                compile_fx(
-                    graph,
-                    inputs,
-                    inner_compile=no_codegen,
-                    config_patches={"custom_partitioner_fn": ShearPartitioner(self.cfg)},
-                )
-        finally:
-            current_recorder.reset(token)
+        compile_and_record(graph, inputs, self.cfg, self.recorder(id(graph.graph)), codegen=False)
         self.replayed = True
 
     @property
     def ledger(self) -> Ledger:
-        self.ensure_partition()
+        self.ensure_recorded()
         return self.saved if self.saved is not None else Ledger(self.name)
 
     def readable_graphs(self) -> dict[str, str]:
         """Joint, forward and backward graphs as text (for diffs)."""
-        partition = self.ensure_partition()
-        return dict(partition.readable) if partition is not None else {}
+        self.ensure_recorded()
+        return dict(self.graphs or {})
 
 
-def graph_diff(before: str, after: str, label_before: str, label_after: str) -> str:
-    """Unified diff of two readable graphs."""
-    return "".join(
-        difflib.unified_diff(
-            before.splitlines(keepends=True), after.splitlines(keepends=True), label_before, label_after
-        )
-    )
+def compile_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: ShearConfig,
+                       record: Callable[[Partition], None], *, codegen: bool) -> Callable:
+    """``compile_fx`` with fxshear's partitioner, which hands its partition to ``record``.
+
+    With ``codegen`` the graph is lowered by Inductor (on CPU, fxshear's ops become aten math it
+    can fuse, after the partition); without, the partitioned aten graphs run as they are and the
+    caches are off, so the partitioner always runs (inspection, and replays on a cache hit).
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    patches: dict[str, Any] = {"custom_partitioner_fn": ShearPartitioner(cfg)}
+    token = current_recorder.set(record)
+    try:
+        if codegen:
+            patches["post_grad_custom_pre_pass"] = LowerAct2BitOnCpu()
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        with caches_disabled():
+            return compile_fx(gm, example_inputs, inner_compile=no_codegen, config_patches=patches)
+    finally:
+        current_recorder.reset(token)
 
 
 def no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:

@@ -6,7 +6,7 @@ import html
 from typing import TYPE_CHECKING
 
 from ..graph.ledger import ModelLedger
-from .report import left_alone
+from .report import format_mib, left_alone
 
 if TYPE_CHECKING:
     from .report import InspectionReport  # noqa: F401
@@ -25,7 +25,7 @@ details{margin:0.5em 0}summary{cursor:pointer;font-weight:600}
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:,.3f} MiB"
+    return format_mib(n, digits=3)
 
 
 def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:

@@ -7,6 +7,7 @@ model takes seconds.  The numbers are read from the partitioned graphs, never fr
 
 from __future__ import annotations
 
+import difflib
 import os
 import pathlib
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from ..backend import ShearBackend
 from ..config import ShearConfig
 from ..graph.ledger import ModelLedger
 from ..passes.base import PassReport
-from ..region import Region, graph_diff
+from ..region import Region
 
 GRAPH_KINDS = ("forward", "backward", "joint")
 
@@ -91,7 +92,7 @@ class InspectionReport:
         for label, attr in (("activations", "activation_bytes"), ("parameters", "parameter_bytes"),
                             ("inputs", "input_bytes")):
             before, after = getattr(self.baseline, attr), getattr(self.shear, attr)
-            table.add_row(label, _mib(before), _mib(after), f"{after / before:.3f}" if before else "-")
+            table.add_row(label, format_mib(before), format_mib(after), f"{after / before:.3f}" if before else "-")
         return table
 
     def pass_table(self) -> Any:
@@ -134,8 +135,14 @@ def left_alone(report: PassReport) -> str:
     return "; ".join([f"{n}x {r}" for r, n in reasons.items()] + list(report.notes))
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.2f} MiB"
+def format_mib(n: int, digits: int = 2) -> str:
+    return f"{n / 2**20:,.{digits}f} MiB"
+
+
+def graph_diff(before: str, after: str, label_before: str, label_after: str) -> str:
+    """Unified diff of two readable graphs."""
+    return "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                        label_before, label_after))
 
 
 def _analyse(model: torch.nn.Module, backend: ShearBackend, args: tuple[Any, ...],
