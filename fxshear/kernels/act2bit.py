@@ -15,8 +15,6 @@ not global state, so it is part of the traced graph and of every cache key.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .act2bit_reference import (
@@ -27,30 +25,12 @@ from .act2bit_reference import (
     encode_reference,
     packed_numel,
 )
+from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
 
-IMPLS = ("auto", "torch", "triton")
-
-
-@functools.cache
-def triton_available() -> bool:
-    """True when Triton imports and can launch on this machine's CUDA device."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from . import act2bit_triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "use the torch path"
-        return False
-    return True
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch" or t.device.type != "cuda":
-        return False
-    if impl == "triton" and not triton_available():
-        raise RuntimeError("fxshear kernels='triton' was requested but Triton is not usable here")
-    return triton_available()
+    return use_triton(t, impl, "act2bit_triton")
 
 
 def _check(kind: str, approximate: str) -> None:

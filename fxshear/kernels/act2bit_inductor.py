@@ -1,4 +1,4 @@
-"""Lower ``fxshear::act2bit`` to plain aten ops after partitioning, on CPU, so Inductor fuses it.
+"""The aten math ``fxshear::act2bit`` is lowered to on CPU after partitioning (see ``lowering``).
 
 Why after partitioning: the op must stay opaque until the min-cut has run, or the partitioner
 would save the dense pre-activation again (DESIGN §2).  Once forward and backward are split,
@@ -11,15 +11,11 @@ On CUDA the op keeps its Triton kernels; this pass only rewrites CPU nodes.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Sequence
-
 import torch
-import torch.fx
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..compat import CustomGraphPass, get_hash_for_files
+from . import act2bit as _ops  # noqa: F401  (registers the ops lowered here)
 from .act2bit_reference import STEPS
+from .lowering import register_cpu_lowering
 
 
 def _fp32(value: float) -> float:
@@ -56,56 +52,11 @@ def fused_backward(grad: torch.Tensor, packed: torch.Tensor, kind: str) -> torch
     return (grad.float() * slope).to(grad.dtype)
 
 
-def _inline(graph: torch.fx.Graph, node: torch.fx.Node, fn: Callable[..., object],
-            tensor_args: Sequence[torch.fx.Node]) -> object:
-    """Trace ``fn`` on the nodes' fake values and splice its graph in before ``node``."""
-    from torch._guards import detect_fake_mode
-    from torch._inductor.decomposition import select_decomp_table
-
-    fakes = [a.meta["val"] for a in tensor_args]
-    fake_mode = detect_fake_mode(fakes)
-    with fake_mode:
-        traced = make_fx(fn, decomposition_table=select_decomp_table())(*fakes)
-    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    env = dict(zip(placeholders, tensor_args))
-    with graph.inserting_before(node):
-        return graph.graph_copy(traced.graph, env)
+@register_cpu_lowering(torch.ops.fxshear.act2bit.default)
+def _lower_forward(x: torch.Tensor, kind: str, approximate: str, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused_forward(x, kind, approximate)
 
 
-def _on_cpu(node: torch.fx.Node) -> bool:
-    value = node.meta.get("val")
-    if isinstance(value, (tuple, list)):
-        value = value[0]
-    return isinstance(value, torch.Tensor) and value.device.type == "cpu"
-
-
-class LowerAct2BitOnCpu(CustomGraphPass):
-    """Post-grad pass: replace CPU ``fxshear::act2bit`` / ``act2bit_backward`` nodes by aten math."""
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in list(graph.nodes):
-            if node.op != "call_function" or not _on_cpu(node):
-                continue
-            if node.target is torch.ops.fxshear.act2bit.default:
-                x, kind, approximate, impl = node.args
-                if impl == "triton":
-                    continue
-                y, packed = _inline(graph, node, lambda t: fused_forward(t, kind, approximate), [x])
-                for user in list(node.users):
-                    if user.target is operator.getitem:
-                        user.replace_all_uses_with(y if user.args[1] == 0 else packed)
-                        graph.erase_node(user)
-                if not node.users:
-                    graph.erase_node(node)
-            elif node.target is torch.ops.fxshear.act2bit_backward.default:
-                grad, packed, kind, impl = node.args
-                if impl == "triton":
-                    continue
-                dx = _inline(graph, node, lambda g, p: fused_backward(g, p, kind), [grad, packed])
-                node.replace_all_uses_with(dx)
-                graph.erase_node(node)
-
-    def uuid(self) -> bytes:
-        from ..graph.partitioner import fxshear_source_files
-
-        return get_hash_for_files(fxshear_source_files(), extra=f"torch={torch.__version__}")
+@register_cpu_lowering(torch.ops.fxshear.act2bit_backward.default)
+def _lower_backward(grad: torch.Tensor, packed: torch.Tensor, kind: str, impl: str) -> torch.Tensor:
+    return fused_backward(grad, packed, kind)
