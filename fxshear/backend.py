@@ -23,7 +23,7 @@ from .config import ShearConfig
 from .log import log
 from .passes import PASSES
 from .passes.base import PassReport
-from .region import Region, compile_and_record, copy_graph_module
+from .region import unrewritten_saved_bytes, Region, compile_and_record, copy_graph_module
 
 _backend_ids = itertools.count()
 #: Every backend ever created, so ``fxshear.ledger(model)`` can find a model's regions.
@@ -34,13 +34,18 @@ _DEFAULT_BACKENDS: dict[str, ShearBackend] = {}
 class ShearBackend:
     """A configured fxshear backend; pass it to ``torch.compile(backend=...)``."""
 
-    def __init__(self, cfg: ShearConfig | None = None, *, codegen: bool = True) -> None:
+    def __init__(self, cfg: ShearConfig | None = None, *, codegen: bool = True,
+                 pass_names: Sequence[str] | None = None) -> None:
         """``codegen=False`` is the analysis mode of ``fxshear.inspect``: graphs are traced and
         partitioned exactly as for Inductor, but no kernels are generated (the partitioned aten
-        graphs run eagerly), so inspecting a model takes seconds, not minutes."""
+        graphs run eagerly), so inspecting a model takes seconds, not minutes.
+
+        ``pass_names`` limits the passes run to those named (inspection measures what each pass
+        removes by adding them one at a time)."""
         check_torch_version()
         self.cfg = cfg or ShearConfig.from_options()
         self.codegen = codegen
+        self.pass_names = None if pass_names is None else frozenset(pass_names)
         self.id = next(_backend_ids)
         self.regions: list[Region] = []
         _BACKENDS[self.id] = self
@@ -53,6 +58,7 @@ class ShearBackend:
         self.regions.append(region)
         original = copy_graph_module(gm)
         rewritten = self._run_passes(gm, region) if region.has_backward else gm
+        region.reference_bytes = self._reference_bytes(original, example_inputs, region)
         try:
             return self._compile(rewritten, example_inputs, region)
         except Exception as error:  # noqa: BLE001 - any failure must not stop training
@@ -69,6 +75,8 @@ class ShearBackend:
         for graph_pass in PASSES:
             if not graph_pass.applies(self.cfg):
                 continue
+            if self.pass_names is not None and graph_pass.name not in self.pass_names:
+                continue
             candidate = copy_graph_module(gm)
             try:
                 report = graph_pass.run(candidate, self.cfg)
@@ -84,10 +92,27 @@ class ShearBackend:
             gm = candidate
         return gm
 
+    def _reference_bytes(self, original: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                         region: Region) -> int | None:
+        """What plain Inductor would save, when a memory budget must be read against it.
+
+        Only needed for a budget strictly between 0 and 1 on a graph some pass rewrote; it costs
+        one extra trace and partition (no code generation).
+        """
+        budget = self.cfg.memory_budget
+        if budget is None or not 0.0 < budget < 1.0 or not any(r.rewritten for r in region.pass_reports):
+            return None
+        try:
+            return unrewritten_saved_bytes(original, example_inputs)
+        except Exception as error:  # noqa: BLE001 - fall back to PyTorch's own reading of the budget
+            log.warning("fxshear: could not measure %s unrewritten (%s); memory_budget applies to the "
+                        "rewritten graph as PyTorch reads it", region.name, error)
+            return None
+
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], region: Region) -> Callable:
         region.index_origins(gm)
         return compile_and_record(gm, example_inputs, self.cfg, region.recorder(id(gm.graph)),
-                                  codegen=self.codegen)
+                                  codegen=self.codegen, reference_bytes=region.reference_bytes)
 
 
 def backend(preset: str = "balanced", **overrides: Any) -> ShearBackend:

@@ -15,10 +15,11 @@ from typing import Any
 
 from .kernels.act2bit_reference import KINDS as ACT2BIT_KINDS
 
-PRESETS = ("exact", "balanced", "aggressive")
+PRESETS = ("none", "exact", "balanced", "aggressive")
 DEFAULT_PRESET = "balanced"
 KERNEL_CHOICES = ("auto", "torch", "triton")
 ON_ERROR_CHOICES = ("fallback", "raise")
+ACT_FROM_OUTPUT_CHOICES = ("off", "exact_dtypes", "all")
 
 
 class ConfigError(ValueError):
@@ -30,8 +31,19 @@ class ShearConfig:
     """Everything that decides how fxshear rewrites a graph.
 
     Fields:
-        preset: the starting point the other fields override ("exact", "balanced", "aggressive").
-        act2bit: GELU/SiLU keep a 2-bit code for backward (approximate; Approx-BP).
+        preset: the starting point the other fields override: "none" (plain Inductor, with
+            fxshear's ledger), "exact", "balanced" or "aggressive".
+        share_norms: LayerNorm/RMSNorm keep only their normalized output and rstd, and the
+            Linears they feed compute their weight gradient from that same tensor (MS-LN). Exact.
+        act_from_output: GELU/SiLU backward recovered from the saved output plus a 1-bit branch
+            flag: "off", "exact_dtypes" (only dtypes whose inversion error is at the level of the
+            dtype's rounding) or "all" (every float dtype; approximate near the minimum).
+        dropout_bits: dropout keeps its mask at 1 bit per element (same masks as eager). Exact.
+        attention_recompute: eager/math attention keeps q, k, v, the row log-sum-exp and a 1-bit
+            dropout mask, and rebuilds the probabilities in backward. Exact.
+        fused_loss: Linear(hidden -> vocab) + cross-entropy never keeps the logits. Exact.
+        act2bit: GELU/SiLU keep a 2-bit code for backward (approximate; Approx-BP); applies to
+            the activations ``act_from_output`` leaves alone.
         act2bit_ops: which activations ``act2bit`` rewrites.
         memory_budget: PyTorch's ``activation_memory_budget`` for fxshear regions, in [0, 1];
             None leaves the partitioner's global setting alone.
@@ -41,6 +53,11 @@ class ShearConfig:
     """
 
     preset: str = DEFAULT_PRESET
+    share_norms: bool = True
+    act_from_output: str = "all"
+    dropout_bits: bool = True
+    attention_recompute: bool = True
+    fused_loss: bool = True
     act2bit: bool = True
     act2bit_ops: tuple[str, ...] = ACT2BIT_KINDS
     memory_budget: float | None = None
@@ -50,7 +67,9 @@ class ShearConfig:
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
-        _check_bool("act2bit", self.act2bit)
+        for name in ("share_norms", "dropout_bits", "attention_recompute", "fused_loss", "act2bit"):
+            _check_bool(name, getattr(self, name))
+        _check_choice("act_from_output", self.act_from_output, ACT_FROM_OUTPUT_CHOICES)
         _check_subset("act2bit_ops", self.act2bit_ops, ACT2BIT_KINDS)
         if self.memory_budget is not None:
             if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, (int, float)):
@@ -93,14 +112,18 @@ class ShearConfig:
     @property
     def exact(self) -> bool:
         """True when every enabled rewrite keeps gradients equal to eager."""
-        return not self.act2bit
+        return not self.act2bit and self.act_from_output != "all"
 
 
+_EXACT_REWRITES: dict[str, Any] = {
+    "share_norms": True, "dropout_bits": True, "attention_recompute": True, "fused_loss": True,
+}
 PRESET_FIELDS: dict[str, dict[str, Any]] = {
-    "exact": {"act2bit": False},
-    "balanced": {"act2bit": True},
+    "none": {**{k: False for k in _EXACT_REWRITES}, "act_from_output": "off", "act2bit": False},
+    "exact": {**_EXACT_REWRITES, "act_from_output": "exact_dtypes", "act2bit": False},
+    "balanced": {**_EXACT_REWRITES, "act_from_output": "all", "act2bit": True},
     # Pruned saved activations join this preset when that pass lands.
-    "aggressive": {"act2bit": True},
+    "aggressive": {**_EXACT_REWRITES, "act_from_output": "all", "act2bit": True},
 }
 
 

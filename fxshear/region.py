@@ -22,7 +22,8 @@ from .compat import caches_disabled
 from .config import ShearConfig
 from .graph.ledger import Ledger, Origin, build_ledger
 from .graph.partitioner import Partition, ShearPartitioner, current_recorder
-from .kernels.act2bit_inductor import LowerAct2BitOnCpu
+from . import kernels as _kernels  # noqa: F401  (registers the ops and their CPU lowerings)
+from .kernels.lowering import LowerOpsOnCpu
 from .passes.base import PASS_META_KEY, PassReport, module_path
 
 _region_counter = itertools.count()
@@ -71,6 +72,10 @@ class Region:
     parameter_ids: frozenset[int] = frozenset()
     replayed: bool = False
     grad_enabled: bool = True
+    #: Activation bytes the unrewritten graph saves at budget 1.0 (set when a memory_budget
+    #: in (0, 1) is rescaled against it), and the budget the partitioner finally used.
+    reference_bytes: int | None = None
+    effective_budget: float | None = None
 
     @classmethod
     def create(cls, cfg: ShearConfig, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Region:
@@ -108,6 +113,7 @@ class Region:
         def record(partition: Partition) -> None:
             # Read the ledger now: Inductor's post-grad passes rewrite the forward graph in place.
             self.graphs = dict(partition.readable)
+            self.effective_budget = partition.effective_budget
             self.saved = build_ledger(
                 self.name,
                 partition.forward,
@@ -144,7 +150,8 @@ class Region:
         """Trace and partition the region again with caches off and no code generation."""
         inputs = [x.make() if isinstance(x, (_TensorSpec, _ParameterRef)) else x for x in self.inputs]
         graph = copy_graph_module(self.graph)
-        compile_and_record(graph, inputs, self.cfg, self.recorder(id(graph.graph)), codegen=False)
+        compile_and_record(graph, inputs, self.cfg, self.recorder(id(graph.graph)), codegen=False,
+                           reference_bytes=self.reference_bytes)
         self.replayed = True
 
     @property
@@ -159,7 +166,8 @@ class Region:
 
 
 def compile_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: ShearConfig,
-                       record: Callable[[Partition], None], *, codegen: bool) -> Callable:
+                       record: Callable[[Partition], None], *, codegen: bool,
+                       reference_bytes: int | None = None) -> Callable:
     """``compile_fx`` with fxshear's partitioner, which hands its partition to ``record``.
 
     With ``codegen`` the graph is lowered by Inductor (on CPU, fxshear's ops become aten math it
@@ -168,16 +176,30 @@ def compile_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     """
     from torch._inductor.compile_fx import compile_fx
 
-    patches: dict[str, Any] = {"custom_partitioner_fn": ShearPartitioner(cfg)}
+    patches: dict[str, Any] = {"custom_partitioner_fn": ShearPartitioner(cfg, reference_bytes)}
     token = current_recorder.set(record)
     try:
         if codegen:
-            patches["post_grad_custom_pre_pass"] = LowerAct2BitOnCpu()
+            patches["post_grad_custom_pre_pass"] = LowerOpsOnCpu()
             return compile_fx(gm, example_inputs, config_patches=patches)
         with caches_disabled():
             return compile_fx(gm, example_inputs, inner_compile=no_codegen, config_patches=patches)
     finally:
         current_recorder.reset(token)
+
+
+def unrewritten_saved_bytes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int:
+    """Activation bytes plain Inductor saves for ``gm`` at budget 1.0 (trace and partition only)."""
+    from .graph.partitioner import saved_activation_bytes
+
+    found: list[int] = []
+
+    def record(partition: Partition) -> None:
+        found.append(saved_activation_bytes(partition.forward, partition.num_fwd_outputs))
+
+    reference = ShearConfig.from_options(preset="none", memory_budget=1.0)
+    compile_and_record(copy_graph_module(gm), example_inputs, reference, record, codegen=False)
+    return found[-1] if found else 0
 
 
 def no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:

@@ -14,13 +14,23 @@ def test_presets_and_defaults() -> None:
     assert ShearConfig.from_options(preset="exact").exact
     assert not ShearConfig.from_options(preset="balanced").exact
     assert ShearConfig.from_options(preset="aggressive").act2bit
-    assert ShearConfig.from_options({"preset": "balanced"}, act2bit=False).exact
+    assert not ShearConfig.from_options({"preset": "balanced"}, act2bit=False).exact
+    assert ShearConfig.from_options({"preset": "balanced"}, act2bit=False, act_from_output="exact_dtypes").exact
+    none = ShearConfig.from_options(preset="none")
+    assert not (none.share_norms or none.dropout_bits or none.attention_recompute or none.fused_loss
+                or none.act2bit) and none.act_from_output == "off"
+    exact = ShearConfig.from_options(preset="exact")
+    assert exact.share_norms and exact.dropout_bits and exact.attention_recompute and exact.fused_loss
+    assert exact.act_from_output == "exact_dtypes" and not exact.act2bit
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"preset": "fast"}, "preset must be one of 'exact', 'balanced', 'aggressive'"),
+        ({"preset": "fast"}, "preset must be one of 'none', 'exact', 'balanced', 'aggressive'"),
+        ({"act_from_output": "yes"}, "act_from_output must be one of 'off', 'exact_dtypes', 'all'"),
+        ({"share_norms": 1}, "share_norms must be True or False"),
+        ({"fused_loss": None}, "fused_loss must be True or False"),
         ({"memory_bugdet": 0.5}, "did you mean 'memory_budget'"),
         ({"memory_budget": 1.5}, "memory_budget must lie in [0, 1]"),
         ({"memory_budget": True}, "memory_budget must be a number"),

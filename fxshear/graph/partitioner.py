@@ -34,6 +34,7 @@ class Partition:
     num_fwd_outputs: int
     static_input_indices: list[int] | None
     readable: dict[str, str]
+    effective_budget: float | None = None
 
 
 def readable_graph(gm: torch.fx.GraphModule) -> str:
@@ -57,11 +58,44 @@ def fxshear_source_files() -> tuple[str, ...]:
     return tuple(sorted(str(p) for p in root.rglob("*.py")))
 
 
-class ShearPartitioner(CustomPartitionerFn):
-    """min-cut under the config's memory budget; reports the partition to the compiling region."""
+def saved_activation_bytes(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Bytes of the forward's saved tensors that are not graph inputs (parameters, batch)."""
+    output = next(n for n in reversed(forward.graph.nodes) if n.op == "output")
+    total = 0
+    for node in output.args[0][num_fwd_outputs:]:
+        value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if node is None or node.op == "placeholder" or not isinstance(value, torch.Tensor):
+            continue
+        total += value.numel() * value.element_size()
+    return total
 
-    def __init__(self, cfg: ShearConfig) -> None:
+
+class ShearPartitioner(CustomPartitionerFn):
+    """min-cut under the config's memory budget; reports the partition to the compiling region.
+
+    ``reference_bytes`` is what the *unrewritten* graph saves at budget 1.0.  PyTorch's budget is
+    a fraction of the graph's own runtime-optimal saved set; after fxshear's rewrites that set is
+    smaller, so the same fraction would be a tighter target than the user asked for and buy more
+    recompute than needed.  With a reference, budget ``b`` means ``b`` times what plain
+    torch.compile would save, and the fraction passed on is rescaled to this graph's own set.
+    """
+
+    def __init__(self, cfg: ShearConfig, reference_bytes: int | None = None) -> None:
         self.cfg = cfg
+        self.reference_bytes = reference_bytes
+        self.effective_budget: float | None = cfg.memory_budget
+
+    def _budget(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any]) -> float | None:
+        budget = self.cfg.memory_budget
+        if budget is None or not 0.0 < budget < 1.0 or not self.reference_bytes:
+            return budget
+        trial = copy_joint(gm)
+        with activation_memory_budget(1.0):
+            forward, _ = min_cut_rematerialization_partition(trial, joint_inputs, **kwargs)
+        own = saved_activation_bytes(forward, int(kwargs["num_fwd_outputs"]))
+        if own <= 0:
+            return budget
+        return min(1.0, budget * self.reference_bytes / own)
 
     def __call__(
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -69,7 +103,8 @@ class ShearPartitioner(CustomPartitionerFn):
         recorder = current_recorder.get()
         # The partitioner consumes the joint graph; render it first.
         joint_text = readable_graph(gm) if recorder is not None else ""
-        with activation_memory_budget(self.cfg.memory_budget):
+        self.effective_budget = self._budget(gm, joint_inputs, kwargs)
+        with activation_memory_budget(self.effective_budget):
             forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         if recorder is not None:
             recorder(
@@ -79,11 +114,21 @@ class ShearPartitioner(CustomPartitionerFn):
                     static_input_indices=kwargs.get("static_lifetime_input_indices"),
                     readable={"joint": joint_text, "forward": readable_graph(forward),
                               "backward": readable_graph(backward)},
+                    effective_budget=self.effective_budget,
                 )
             )
         return forward, backward
 
     def uuid(self) -> bytes:
-        extra = f"{self.cfg.to_json()}|torch={torch.__version__}"
+        extra = f"{self.cfg.to_json()}|reference={self.reference_bytes}|torch={torch.__version__}"
         return get_hash_for_files(fxshear_source_files(), extra=extra)
 
+
+def copy_joint(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a joint graph with its node metadata, for a trial partition."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node].meta = dict(node.meta)
+    return torch.fx.GraphModule(gm, graph)

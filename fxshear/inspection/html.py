@@ -78,8 +78,11 @@ def render_html(report: InspectionReport) -> str:
                               left_alone(r), r.error or ""])
         if region.fallback_reason:
             pass_rows.append([region.region, "(fallback)", "0", "", "", region.fallback_reason])
-    by_pass = _table(["pass", "activation bytes its ops save"],
-                     [[k, f"{v:,}"] for k, v in report.pass_bytes().items()], numeric={1})
+    saved_by_ops = report.pass_bytes()
+    removed = report.bytes_removed()
+    by_pass = _table(["pass", "activation bytes it removed (measured)", "activation bytes its ops save"],
+                     [[k, f"{removed[k]:,}" if k in removed else "-", f"{saved_by_ops.get(k, 0):,}"]
+                      for k in dict.fromkeys([*removed, *saved_by_ops])], numeric={1, 2})
     diffs = "".join(
         f"<details{' open' if kind == 'forward' else ''}><summary>{kind} graph diff</summary>"
         f"{_diff_block(report.diff(kind))}</details>"

@@ -19,6 +19,7 @@ import torch
 from ..backend import ShearBackend
 from ..config import ShearConfig
 from ..graph.ledger import ModelLedger
+from ..passes import PASSES
 from ..passes.base import PassReport
 from ..region import Region
 
@@ -44,6 +45,9 @@ class InspectionReport:
     passes: list[RegionPasses]
     graphs_before: list[dict[str, str]] = field(repr=False, default_factory=list)
     graphs_after: list[dict[str, str]] = field(repr=False, default_factory=list)
+    #: (pass, activation bytes removed), measured by adding the passes one at a time in the
+    #: backend's order and reading each partition's ledger; empty when not measured.
+    removed_by_pass: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def ledger(self) -> ModelLedger:
@@ -69,12 +73,17 @@ class InspectionReport:
         """Activation bytes each pass's ops now save (negative space is in the totals)."""
         return {k: v for k, v in self.shear.by_pass().items() if k}
 
+    def bytes_removed(self) -> dict[str, int]:
+        """Activation bytes each pass removed from the ledger (measured, see ``removed_by_pass``)."""
+        return dict(self.removed_by_pass)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_json(),
             "baseline": self.baseline.to_dict(),
             "fxshear": self.shear.to_dict(),
             "saved_ratio": self.saved_ratio,
+            "bytes_removed_by_pass": self.bytes_removed(),
             "passes": [
                 {"region": p.region, "fallback_reason": p.fallback_reason,
                  "reports": [r.to_dict() for r in p.reports]}
@@ -99,14 +108,16 @@ class InspectionReport:
         from rich.table import Table
 
         table = Table(title="what each pass did")
-        for column in ("region", "pass", "rewritten", "left alone (reason)", "error"):
+        for column in ("region", "pass", "rewritten", "removed (all regions)", "left alone (reason)", "error"):
             table.add_column(column)
+        removed = self.bytes_removed()
         for region in self.passes:
             for report in region.reports:
-                table.add_row(region.region, report.name, str(len(report.rewritten)),
+                freed = format_mib(removed[report.name]) if report.name in removed else "-"
+                table.add_row(region.region, report.name, str(len(report.rewritten)), freed,
                               left_alone(report), report.error or "")
             if region.fallback_reason:
-                table.add_row(region.region, "(fallback)", "0", "", region.fallback_reason)
+                table.add_row(region.region, "(fallback)", "0", "", "", region.fallback_reason)
         return table
 
     def print(self) -> None:
@@ -153,16 +164,39 @@ def _analyse(model: torch.nn.Module, backend: ShearBackend, args: tuple[Any, ...
     return [r for r in backend.regions if r.has_backward]
 
 
+def _removed_by_pass(model: torch.nn.Module, cfg: ShearConfig, baseline: ModelLedger,
+                     after: list[Region], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Add the passes that rewrote something one at a time and read each ledger's change."""
+    order = [p.name for p in PASSES if p.applies(cfg)]
+    active = [name for name in order if any(r.name == name and r.rewritten
+                                             for region in after for r in region.pass_reports)]
+    full = ModelLedger([r.ledger for r in after]).activation_bytes
+    removed: list[tuple[str, int]] = []
+    previous = baseline.activation_bytes
+    for i, name in enumerate(active):
+        if i == len(active) - 1:
+            current = full
+        else:
+            partial = ShearBackend(cfg, codegen=False, pass_names=active[: i + 1])
+            current = ModelLedger([r.ledger for r in _analyse(model, partial, args, kwargs)]).activation_bytes
+        removed.append((name, previous - current))
+        previous = current
+    return removed + [(name, 0) for name in order if name not in active]
+
+
 def inspect(model: torch.nn.Module, *example_inputs: Any, preset: str = "balanced",
-            example_kwargs: Mapping[str, Any] | None = None, **overrides: Any) -> InspectionReport:
+            example_kwargs: Mapping[str, Any] | None = None, per_pass: bool = True,
+            **overrides: Any) -> InspectionReport:
     """Trace ``model(*example_inputs, **example_kwargs)`` under torch.compile and under fxshear.
 
     ``overrides`` are fxshear options (e.g. ``memory_budget=0.5``), validated as for the backend.
+    With ``per_pass`` the passes are also added one at a time, so the report shows the bytes
+    each one removed (one more trace and partition per pass that rewrote something).
     The baseline is Inductor's default partition of the same graph under the same
     ``memory_budget``, so the ratio isolates what fxshear's rewrites change.
     """
     cfg = ShearConfig.from_options(preset=preset, **overrides)
-    baseline_cfg = ShearConfig.from_options(preset="exact", memory_budget=cfg.memory_budget)
+    baseline_cfg = ShearConfig.from_options(preset="none", memory_budget=cfg.memory_budget)
     kwargs = dict(example_kwargs or {})
     baseline = ShearBackend(baseline_cfg, codegen=False)
     shear = ShearBackend(cfg, codegen=False)
@@ -170,9 +204,12 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, preset: str = "balance
     # user's compiled models keep theirs (no torch._dynamo.reset()).
     before = _analyse(model, baseline, example_inputs, kwargs)
     after = _analyse(model, shear, example_inputs, kwargs)
+    baseline_ledger = ModelLedger([r.ledger for r in before])
+    removed = _removed_by_pass(model, cfg, baseline_ledger, after, example_inputs, kwargs) if per_pass else []
     return InspectionReport(
         config=cfg,
-        baseline=ModelLedger([r.ledger for r in before]),
+        removed_by_pass=removed,
+        baseline=baseline_ledger,
         shear=ModelLedger([r.ledger for r in after]),
         passes=[RegionPasses(r.name, r.pass_reports, r.fallback_reason) for r in after],
         graphs_before=[r.readable_graphs() for r in before],
