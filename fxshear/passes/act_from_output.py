@@ -1,0 +1,110 @@
+"""Pass: GELU / SiLU backward from the saved output plus a 1-bit branch flag (exact counterpart
+of the 2-bit codes).
+
+Why: the Linear after the activation saves the activation's output for its weight gradient
+anyway.  GELU and SiLU are invertible on either side of their single minimum, so that output and
+one bit saying which side recover the input, and with it the exact derivative.  Inductor would
+otherwise keep the dense pre-activation as well.
+
+Near the minimum the inversion is ill-conditioned; ``kernels.act_from_output.EXACT_DTYPES``
+lists the dtypes where the largest derivative error is at the level of the dtype's own rounding
+(measured by ``benchmarks/act_inversion_error.py``).  ``act_from_output="exact_dtypes"`` (the
+exact preset) rewrites only those; ``"all"`` (balanced) rewrites every float dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..config import ShearConfig
+from .base import PassReport, excluded
+from .match import (
+    activation_kind,
+    argument,
+    call,
+    inplace_activation,
+    is_float_tensor,
+    is_function,
+    linear_parts,
+    outputs,
+    requires_grad,
+    tensor_value,
+)
+
+NAME = "act_from_output"
+
+
+def _exact_dtypes() -> frozenset[torch.dtype]:
+    from ..kernels.act_from_output import EXACT_DTYPES
+
+    return EXACT_DTYPES
+
+
+def feeds_trainable_linear(node: torch.fx.Node) -> bool:
+    """True when a Linear with a trainable weight reads ``node`` as its input (so it is saved)."""
+    for user in node.users:
+        parts = linear_parts(user)
+        if parts is not None and parts[0] is node and requires_grad(parts[1]):
+            return True
+        if is_function(user, torch.ops.fxshear.shared_linear.default) and user.args[0] is node \
+                and requires_grad(user.args[4]):
+            return True
+    return False
+
+
+class ActFromOutputPass:
+    """Rewrite GELU/SiLU whose output a Linear saves into ``fxshear::act_from_output``."""
+
+    name = NAME
+
+    def applies(self, cfg: ShearConfig) -> bool:
+        return cfg.act_from_output != "off"
+
+    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+        from ..kernels import act_from_output  # noqa: F401  (registers the ops)
+
+        report = PassReport(self.name)
+        graph = gm.graph
+        for node in list(graph.nodes):
+            matched = activation_kind(node)
+            if matched is None:
+                continue
+            kind, approximate = matched
+            reason = self._why_not(node, kind, approximate, cfg)
+            if reason:
+                report.skip(node, reason)
+                continue
+            source = argument(node, 0, "input")
+            with graph.inserting_before(node):
+                fused = call(graph, torch.ops.fxshear.act_from_output.default,
+                             (source, kind, approximate, cfg.kernels), like=node, pass_name=self.name)
+            y, _ = outputs(graph, fused, 2, like=node, pass_name=self.name)
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+            report.rewritten.append(f"{node.name} ({kind}{'' if approximate == 'none' else ', tanh'})")
+        graph.lint()
+        gm.recompile()
+        return report
+
+    @staticmethod
+    def _why_not(node: torch.fx.Node, kind: str, approximate: str, cfg: ShearConfig) -> str | None:
+        if inplace_activation(node):
+            return "in-place activation: its input may be read again after being overwritten"
+        if approximate not in ("none", "tanh"):
+            return f"unknown GELU approximation {approximate!r}"
+        pattern = excluded(node, cfg)
+        if pattern:
+            return f"module excluded by pattern {pattern!r}"
+        if not is_float_tensor(node):
+            return "not an fp32/fp16/bf16 tensor"
+        if not requires_grad(node):
+            return "no gradient flows through it, so nothing is saved for backward"
+        dtype = tensor_value(node).dtype
+        if cfg.act_from_output == "exact_dtypes" and dtype not in _exact_dtypes():
+            return (f"in {str(dtype).removeprefix('torch.')} the inversion's derivative error near the "
+                    "minimum exceeds the dtype's own rounding; act_from_output='all' (balanced) allows it")
+        if not feeds_trainable_linear(node):
+            return ("its output is not otherwise saved (no Linear with a trainable weight reads it), "
+                    "so keeping it would not replace the saved input")
+        return None

@@ -1,0 +1,207 @@
+"""Pass: eager/math attention keeps no probabilities for backward (``fxshear::attention``).
+
+Hugging Face's eager attention (BERT, GPT-2, LLaMA, ViT) traces to
+``matmul(q, kᵀ) · scale [+ mask] → softmax → [cast] → [dropout] → matmul(·, v)``.  Inductor then
+saves the softmax output, the dropped-out probabilities and the byte-per-element dropout mask:
+three ``[batch, heads, q, k]`` tensors per layer.  The op keeps q, k, v (saved anyway for the
+matmul gradients), the fp32 row log-sum-exp and a 1-bit dropout mask drawn exactly as eager
+draws it, and rebuilds the probabilities in backward.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from ..config import ShearConfig
+from .base import PassReport, excluded
+from .match import argument, call, dropout_arguments, is_float_tensor, is_function, is_method, only_user, outputs, requires_grad, tensor_value
+
+NAME = "attention"
+
+_MATMUL = (torch.matmul, torch.ops.aten.matmul.default)
+_SOFTMAX = (torch.nn.functional.softmax, torch.softmax, torch.ops.aten.softmax.int)
+_ADD = (torch.add, torch.ops.aten.add.Tensor, operator.add, operator.iadd)
+_MUL = (torch.mul, operator.mul)
+_DIV = (torch.div, operator.truediv)
+
+
+def _ops() -> None:
+    from ..kernels import attention  # noqa: F401  (registers the ops)
+
+
+@dataclass
+class AttentionMatch:
+    """The nodes of one attention pattern, from the q·kᵀ matmul to the ·v matmul."""
+
+    q: torch.fx.Node
+    k: torch.fx.Node
+    v: torch.fx.Node
+    mask: torch.fx.Node | None
+    scale: float
+    dropout_p: float
+    chain: list[torch.fx.Node]  # scores ... output matmul, in graph order
+
+    @property
+    def output(self) -> torch.fx.Node:
+        return self.chain[-1]
+
+
+def _is_last_two_transpose(node: torch.fx.Node) -> bool:
+    value = tensor_value(node.args[0]) if node.args else None
+    if value is None:
+        return False
+    rank = value.dim()
+    dims = {d % rank for d in node.args[1:3] if isinstance(d, int)}
+    return dims == {rank - 2, rank - 1}
+
+
+def _key_of(transposed: object) -> torch.fx.Node | None:
+    if is_method(transposed, "transpose") or is_function(transposed, torch.transpose):
+        if len(transposed.args) >= 3 and _is_last_two_transpose(transposed):
+            return transposed.args[0]
+    return None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def match_attention(softmax: torch.fx.Node) -> AttentionMatch | str | None:
+    """The pattern around a softmax node, a reason string when it almost matches, or None."""
+    if not (is_function(softmax, *_SOFTMAX) or is_method(softmax, "softmax")):
+        return None
+    dim = argument(softmax, 1, "dim")
+    scores = softmax.args[0]
+    value = tensor_value(scores)
+    if value is None or value.dim() != 4:
+        return "scores are not a 4-D [batch, heads, q, k] tensor"
+    if not isinstance(dim, int) or dim % 4 != 3:
+        return "softmax is not over the last dimension"
+    chain = [softmax]
+    mask = None
+    node = scores
+    if (is_function(node, *_ADD) or is_method(node, "add", "__add__")) and len(node.args) == 2:
+        left, right = node.args
+        if not isinstance(left, torch.fx.Node) or not isinstance(right, torch.fx.Node):
+            return "mask is not a tensor"
+        mask = right
+        if requires_grad(mask):
+            return "the attention mask requires grad"
+        if len(left.users) != 1:
+            return "the scaled scores are used elsewhere"
+        chain.insert(0, node)
+        node = left
+    scale = 1.0
+    if (is_function(node, *_MUL, *_DIV) or is_method(node, "mul", "div")) and len(node.args) == 2:
+        factor = _number(node.args[1])
+        if factor is None:
+            return "the scale is not a constant number"
+        scale = factor if (node.target in _MUL or node.target == "mul") else 1.0 / factor
+        if len(node.args[0].users) != 1:
+            return "the raw scores are used elsewhere"
+        chain.insert(0, node)
+        node = node.args[0]
+    if not (is_function(node, *_MATMUL) or is_method(node, "matmul")):
+        return "scores do not come from a q @ kᵀ matmul"
+    chain.insert(0, node)
+    q, transposed = node.args[0], node.args[1]
+    key = _key_of(transposed)
+    if key is None:
+        return "the matmul's right operand is not kᵀ"
+    if len(transposed.users) != 1:
+        return "kᵀ is used elsewhere"
+    # Forward from the softmax: [cast] [dropout] @ v
+    node = only_user(softmax)
+    dropout_p = 0.0
+    if node is not None and (is_method(node, "to", "type", "float")):
+        cast, q_value = tensor_value(node), tensor_value(q)
+        if cast is None or q_value is None or cast.dtype != q_value.dtype:
+            return "the probabilities are cast to a dtype other than q's"
+        chain.append(node)
+        node = only_user(node)
+    if node is not None and dropout_arguments(node) is not None:
+        _, p, training, inplace = dropout_arguments(node)
+        if not isinstance(p, (int, float)) or not isinstance(training, bool) or inplace:
+            return "dropout arguments are not constants"
+        dropout_p = float(p) if training else 0.0
+        chain.append(node)
+        node = only_user(node)
+    if node is None:
+        return "the probabilities are used elsewhere"
+    if not (is_function(node, *_MATMUL) or is_method(node, "matmul")) or node.args[0] is not chain[-1]:
+        return "the probabilities do not feed a matmul with v"
+    chain.append(node)
+    for intermediate in chain[:-1]:
+        if len(intermediate.users) != 1:
+            return f"{intermediate.name} is used outside the attention pattern"
+    return AttentionMatch(q=q, k=key, v=node.args[1], mask=mask, scale=scale, dropout_p=dropout_p,
+                          chain=chain)
+
+
+class AttentionPass:
+    """Rewrite eager attention into ``fxshear::attention`` (probabilities recomputed in backward)."""
+
+    name = NAME
+
+    def applies(self, cfg: ShearConfig) -> bool:
+        return cfg.attention_recompute
+
+    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+        _ops()
+        report = PassReport(self.name)
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.graph is not graph:
+                continue
+            found = match_attention(node)
+            if found is None:
+                continue
+            if isinstance(found, str):
+                report.skip(node, found)
+                continue
+            reason = self._why_not(found, cfg)
+            if reason:
+                report.skip(node, reason)
+                continue
+            out = found.output
+            with graph.inserting_before(out):
+                fused = call(graph, torch.ops.fxshear.attention.default,
+                             (found.q, found.k, found.v, found.mask, found.scale, found.dropout_p,
+                              cfg.kernels), like=out, pass_name=self.name)
+            result = outputs(graph, fused, 3, like=out, pass_name=self.name)[0]
+            out.replace_all_uses_with(result)
+            for dead in reversed(found.chain):
+                graph.erase_node(dead)
+            transposed_users = [u for u in found.k.users if _key_of(u) is found.k and not u.users]
+            for dead in transposed_users:
+                graph.erase_node(dead)
+            report.rewritten.append(f"{out.name} (dropout p={found.dropout_p:g})")
+        graph.lint()
+        gm.recompile()
+        return report
+
+    @staticmethod
+    def _why_not(found: AttentionMatch, cfg: ShearConfig) -> str | None:
+        pattern = excluded(found.output, cfg)
+        if pattern:
+            return f"module excluded by pattern {pattern!r}"
+        for name, node in (("q", found.q), ("k", found.k), ("v", found.v)):
+            value = tensor_value(node)
+            if value is None or value.dim() != 4 or not is_float_tensor(node):
+                return f"{name} is not a 4-D float tensor"
+        dtypes = {tensor_value(n).dtype for n in (found.q, found.k, found.v)}
+        if len(dtypes) != 1:
+            return "q, k and v differ in dtype"
+        if not any(requires_grad(n) for n in (found.q, found.k, found.v)):
+            return "no gradient flows through it, so nothing is saved for backward"
+        if found.mask is not None:
+            mask = tensor_value(found.mask)
+            if mask is None or not mask.dtype.is_floating_point:
+                return "the additive mask is not a float tensor"
+        return None

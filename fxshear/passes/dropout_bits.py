@@ -1,0 +1,73 @@
+"""Pass: dropout keeps its mask at 1 bit per element instead of one byte (``fxshear::dropout_bits``).
+
+The op draws its mask exactly as eager ``F.dropout`` does (``aten.native_dropout`` on the global
+generator), so a seeded run gives the same masks and gradients as eager; plain torch.compile
+re-draws masks with Inductor's own generator.  Backward needs only the packed bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..config import ShearConfig
+from .base import PassReport, excluded
+from .match import call, dropout_arguments, is_float_tensor, outputs, requires_grad
+
+NAME = "dropout_bits"
+
+def _ops() -> None:
+    from ..kernels import dropout_bits  # noqa: F401  (registers the ops)
+
+
+class DropoutBitsPass:
+    """Rewrite training-mode dropout into ``fxshear::dropout_bits``."""
+
+    name = NAME
+
+    def applies(self, cfg: ShearConfig) -> bool:
+        return cfg.dropout_bits
+
+    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+        _ops()
+        report = PassReport(self.name)
+        graph = gm.graph
+        for node in list(graph.nodes):
+            parts = dropout_arguments(node)
+            if parts is None:
+                continue
+            x, p, training, inplace = parts
+            reason = self._why_not(node, x, p, training, inplace, cfg)
+            if reason:
+                report.skip(node, reason)
+                continue
+            with graph.inserting_before(node):
+                fused = call(graph, torch.ops.fxshear.dropout_bits.default, (x, float(p), cfg.kernels),
+                             like=node, pass_name=self.name)
+            y, _ = outputs(graph, fused, 2, like=node, pass_name=self.name)
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+            report.rewritten.append(f"{node.name} (p={float(p):g})")
+        graph.lint()
+        gm.recompile()
+        return report
+
+    @staticmethod
+    def _why_not(node: torch.fx.Node, x: object, p: object, training: object, inplace: object,
+                 cfg: ShearConfig) -> str | None:
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not isinstance(training, bool):
+            return "p or training is not a constant"
+        if not training or p == 0:
+            return "dropout is the identity here (eval mode or p=0); nothing is saved"
+        if inplace:
+            return "in-place dropout"
+        if not 0 < p < 1:
+            return f"p={p} outside (0, 1)"
+        pattern = excluded(node, cfg)
+        if pattern:
+            return f"module excluded by pattern {pattern!r}"
+        if not is_float_tensor(x):
+            return "input is not an fp32/fp16/bf16 tensor"
+        if not requires_grad(x):
+            return "no gradient flows through it, so nothing is saved for backward"
+        return None
