@@ -1,0 +1,418 @@
+"""``fxshear::attention``: eager/"math" attention that saves no probabilities for backward.
+
+Why: Hugging Face's eager attention (BERT, GPT-2, LLaMA, ViT) traces to
+``matmul(q, kᵀ) · scale [+ mask] → softmax → [cast] → [dropout] → matmul(·, v)`` and autograd
+then keeps the ``[batch, heads, q, k]`` probabilities (and, with dropout, the dropped-out
+probabilities and a byte-per-element mask) alive until backward.  This op keeps only q, k, v
+(saved anyway for the matmul gradients), the fp32 row log-sum-exp and a 1-bit dropout mask,
+and rebuilds the probabilities in backward.
+
+Ops:
+    attention(q, k, v, mask, scale, dropout_p, impl) -> (out, lse, bits)
+    attention_backward(grad_out, q, k, v, mask, lse, bits, scale, dropout_p, impl) -> (dq, dk, dv)
+
+Semantics (the torch path is the reference; the Triton kernels are tested against it):
+
+* q ``[B, H, Sq, D]``, k ``[B, H, Sk, D]``, v ``[B, H, Sk, Dv]`` (or 3-D ``[N, S, D]``), any
+  strides, one float dtype.  ``mask`` is an additive float mask (any float dtype) broadcastable
+  to ``[B, H, Sq, Sk]``, or None; it never gets a gradient.
+* Scores ``S = (q kᵀ) · scale + mask`` and the softmax are computed in fp32; the probabilities
+  are cast to q's dtype before dropout and the ·v matmul.  For fp32 models this is exactly the
+  eager pattern (bit for bit when the model multiplies by the scale); for half precision it
+  mirrors LLaMA's ``softmax(dtype=float32).to(q.dtype)``.
+* Dropout (``dropout_p > 0``) calls ``aten.native_dropout`` on a probabilities tensor of the
+  eager shape and dtype, so the global RNG is consumed exactly as eager ``F.dropout`` consumes
+  it and the masks are the same.  ``bits`` is that mask, 1 bit per element, little-endian:
+  element ``i`` of the contiguous ``[B, H, Sq, Sk]`` sits in bit ``i % 8`` of byte ``i // 8``
+  (1 = kept).  With ``dropout_p == 0`` no RNG is used and ``bits`` is ``uint8[0]``.
+* ``lse = logsumexp(S, -1)`` in fp32, ``[B, H, Sq]``.  It is what the Triton backward rebuilds
+  the probabilities from.  The torch backward recomputes ``softmax(S)`` instead: that is the
+  forward's probabilities bit for bit, and it keeps rows whose mask is all ``finfo.min``
+  uniform, as eager is (``finfo.min + log(Sk)`` rounds back to ``finfo.min`` in fp32, so
+  ``exp(S - lse)`` alone would give 1 instead of ``1/Sk`` there; the Triton backward
+  renormalises each row for the same reason).  Rows of all ``-inf`` give NaN, as in eager.
+
+``impl`` is "auto" (Triton on CUDA when importable and the shapes are supported), "torch" or
+"triton"; it is an argument, not global state, so it is part of the traced graph.
+
+After partitioning, CPU calls are lowered to the same aten math (see :mod:`.lowering`) so
+Inductor fuses it: ``attention_backward`` always, ``attention`` only with ``dropout_p == 0``.
+With dropout the forward must stay an opaque kernel: an RNG call inlined into the graph would
+be re-seeded by Inductor and break the eager-equal masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import use_triton
+from .lowering import register_cpu_lowering
+
+TRITON_MAX_HEAD_DIM = 128
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BITS_PER_BYTE = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-bit mask packing
+# ---------------------------------------------------------------------------------------------
+
+
+def packed_bits_numel(numel: int) -> int:
+    """Bytes needed for ``numel`` 1-bit flags."""
+    return (numel + BITS_PER_BYTE - 1) // BITS_PER_BYTE
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Pack a bool (or 0/1) tensor 8 to a byte in logical (row-major) order, little-endian.
+
+    Element ``i`` lands in bit ``i % 8`` of byte ``i // 8``; the pad bits of the last byte are 0.
+    """
+    flat = keep.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % BITS_PER_BYTE
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    lanes = flat.view(-1, BITS_PER_BYTE)
+    packed = lanes[:, 0]
+    for bit in range(1, BITS_PER_BYTE):
+        packed = packed | (lanes[:, bit] << bit)
+    return packed
+
+
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape`` (traceable aten math)."""
+    numel = 1
+    for size in shape:
+        numel = numel * size
+    shifts = torch.arange(BITS_PER_BYTE, dtype=torch.uint8, device=bits.device)
+    flags = (bits.unsqueeze(-1) >> shifts) & 1
+    return flags.reshape(-1)[:numel].view(shape).bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks and shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
+) -> None:
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be [batch, heads, q_len, head_dim] (or 3-D), got shape {tuple(q.shape)}")
+    if k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"q, k and v must have the same rank, got {q.dim()}, {k.dim()}, {v.dim()}")
+    if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2]:
+        raise ValueError(
+            f"q, k and v must share their batch dimensions, got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v sequence lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device or (mask is not None and mask.device != q.device):
+        raise ValueError("q, k, v and mask must be on one device")
+    if mask is not None:
+        if not mask.dtype.is_floating_point:
+            raise ValueError(f"mask must be an additive float mask, got {mask.dtype}")
+        scores_shape = (*q.shape[:-1], k.shape[-2])
+        try:
+            broadcasts = mask.dim() <= len(scores_shape) and (
+                tuple(torch.broadcast_shapes(mask.shape, scores_shape)) == tuple(scores_shape)
+            )
+        except RuntimeError:
+            broadcasts = False
+        if not broadcasts:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the scores {tuple(scores_shape)}"
+            )
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def _scores_numel(q: torch.Tensor, k: torch.Tensor) -> int:
+    numel = k.shape[-2]
+    for size in q.shape[:-1]:
+        numel = numel * size
+    return numel
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """``1 / (1 - p)`` as ``native_dropout`` uses it (0 for p == 1)."""
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def _triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    return (
+        q.dtype in TRITON_DTYPES
+        and q.shape[-1] <= TRITON_MAX_HEAD_DIM
+        and v.shape[-1] <= TRITON_MAX_HEAD_DIM
+    )
+
+
+def _use_triton(q: torch.Tensor, v: torch.Tensor, impl: str) -> bool:
+    if not use_triton(q, impl, "attention_triton"):
+        return False
+    if _triton_supported(q, v):
+        return True
+    if impl == "triton":
+        raise ValueError(
+            f"the Triton attention kernels take fp32/fp16/bf16 and head dims <= {TRITON_MAX_HEAD_DIM}, "
+            f"got {q.dtype}, head dims {q.shape[-1]} and {v.shape[-1]}"
+        )
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch reference (also what the CPU lowering inlines)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_scores(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``(q kᵀ) · scale + mask`` in fp32: the same ops as the eager pattern for fp32 inputs."""
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    return scores
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward as torch math.  Draws the dropout mask from the global RNG when p > 0."""
+    scores = attention_scores(q, k, mask, scale)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    lse = torch.logsumexp(scores, dim=-1)
+    if dropout_p > 0:
+        # Same call, shape and dtype as eager dropout on the probabilities: same RNG draws.
+        probs, keep = torch.ops.aten.native_dropout.default(probs, dropout_p, True)
+        bits = pack_bits(keep)
+    else:
+        bits = torch.empty((0,), dtype=torch.uint8, device=q.device)
+    out = torch.matmul(probs, v).contiguous()
+    return out, lse.contiguous(), bits
+
+
+def attention_backward_reference(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,
+    bits: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward as traceable aten math (no RNG, no data-dependent shapes).
+
+    Mirrors eager autograd of the pattern: the dropout mask is applied as eager does,
+    ``x * (mask.to(dtype) * (1 / (1 - p)))``, and the softmax gradient is taken in fp32.
+    ``lse`` is not needed here (see the module docstring): ``softmax(S)`` is recomputed.
+    """
+    del lse
+    dtype = q.dtype
+    scores = attention_scores(q, k, mask, scale)
+    probs = torch.softmax(scores, dim=-1)  # fp32, the forward's probabilities exactly
+    probs_cast = probs.to(dtype)
+    grad_out = grad_out.to(dtype)
+    if dropout_p > 0:
+        keep = unpack_bits(bits, probs.shape).to(dtype) * dropout_scale(dropout_p)
+        dropped = probs_cast * keep
+    else:
+        keep = None
+        dropped = probs_cast
+    dv = torch.matmul(dropped.transpose(-2, -1), grad_out)
+    grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
+    if keep is not None:
+        grad_probs = grad_probs * keep
+    grad_probs = grad_probs.float()
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
+    grad_raw = (grad_scores * scale).to(dtype)
+    dq = torch.matmul(grad_raw, k)
+    dk = torch.matmul(grad_raw.transpose(-2, -1), q)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "fxshear::attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention output, fp32 row log-sum-exp and packed 1-bit dropout mask (see module doc).
+
+    Tagged ``nondeterministic_seeded`` (it draws from the global RNG when ``dropout_p > 0``), so
+    the compiler neither merges two calls nor reorders it against other random ops.
+    """
+    _check(q, k, v, mask, dropout_p)
+    if _use_triton(q, v, impl):
+        from .attention_triton import attention_forward_triton
+
+        return attention_forward_triton(q, k, v, mask, scale, dropout_p)
+    return attention_reference(q, k, v, mask, scale, dropout_p)
+
+
+@attention.register_fake
+def _attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(q, k, v, mask, dropout_p)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    num_bytes = packed_bits_numel(_scores_numel(q, k)) if dropout_p > 0 else 0
+    bits = q.new_empty((num_bytes,), dtype=torch.uint8)
+    return out, lse, bits
+
+
+def _check_saved(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor, dropout_p: float) -> None:
+    if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"lse must be fp32 of shape {tuple(q.shape[:-1])}, got {lse.dtype} {tuple(lse.shape)}")
+    num_bytes = packed_bits_numel(_scores_numel(q, k)) if dropout_p > 0 else 0
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.shape[0] != num_bytes:
+        raise ValueError(f"bits must be uint8[{num_bytes}], got {bits.dtype} {tuple(bits.shape)}")
+
+
+@torch.library.custom_op("fxshear::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,
+    bits: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k and v, the probabilities rebuilt from q, k, mask (lse) and the bits."""
+    _check(q, k, v, mask, dropout_p)
+    _check_saved(q, k, lse, bits, dropout_p)
+    if _use_triton(q, v, impl):
+        from .attention_triton import attention_backward_triton
+
+        return attention_backward_triton(grad_out, q, k, v, mask, lse, bits, scale, dropout_p)
+    return attention_backward_reference(grad_out, q, k, v, mask, lse, bits, scale, dropout_p)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,
+    bits: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(q, k, v, mask, dropout_p)
+    _check_saved(q, k, lse, bits, dropout_p)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature
+    q, k, v, mask, scale, dropout_p, impl = inputs
+    _, lse, bits = output
+    if mask is not None and mask.requires_grad:
+        raise ValueError("fxshear::attention does not differentiate its additive mask; detach it")
+    ctx.save_for_backward(q, k, v, mask, lse, bits)
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+    ctx.impl = impl
+    ctx.mark_non_differentiable(lse, bits)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None, grad_bits: torch.Tensor | None):  # noqa: ANN001, ANN202
+    q, k, v, mask, lse, bits = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, mask, lse, bits, ctx.scale, ctx.dropout_p, ctx.impl)
+    return dq, dk, dv, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recompute_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask) [dropout] @ v`` keeping no probabilities for backward."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return attention(q, k, v, mask, float(scale), float(dropout_p), impl)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU lowering (after partitioning)
+# ---------------------------------------------------------------------------------------------
+
+
+@register_cpu_lowering(torch.ops.fxshear.attention.default)
+def _lower_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Aten math when ``dropout_p == 0``; with dropout the op itself, i.e. the node stays opaque.
+
+    ``lowering`` has no per-node predicate: tracing a call of the op re-emits the same opaque
+    node (custom ops are leaves under make_fx), so for ``dropout_p > 0`` the pass swaps the
+    node for an identical one and no RNG op ever reaches Inductor.
+    """
+    if dropout_p > 0:
+        return torch.ops.fxshear.attention.default(q, k, v, mask, scale, dropout_p, impl)
+    return attention_reference(q, k, v, mask, scale, 0.0)
+
+
+@register_cpu_lowering(torch.ops.fxshear.attention_backward.default)
+def _lower_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,
+    bits: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward_reference(grad_out, q, k, v, mask, lse, bits, scale, dropout_p)
