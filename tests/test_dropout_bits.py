@@ -1,0 +1,239 @@
+"""fxshear::dropout_bits: eager-equal masks, outputs, gradients and RNG use; 1-bit packing; opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxshear.kernels.dropout_bits import (
+    dropout,
+    dropout_bits,
+    dropout_bits_backward,
+    fused_backward,
+    noise_value,
+    pack_bits,
+    packed_numel,
+    unpack_bits,
+)
+from fxshear.kernels.lowering import lowerable_ops
+
+F = torch.nn.functional
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PROBABILITIES = [0.0, 0.1, 0.123, 0.5, 0.9, 1.0]
+BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+              torch.float64: torch.int64}
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same shape, dtype and bits (signed zeros included), NaN payloads aside."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    bits = BITS_DTYPE[expected.dtype]
+    assert torch.equal(actual[~nan].contiguous().view(bits), expected[~nan].contiguous().view(bits))
+
+
+def with_specials(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN, +-inf and -0.0 in its first elements (eager keeps them as they are)."""
+    flat = x.detach().reshape(-1).clone()
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=x.dtype)
+    n = min(flat.numel(), specials.numel())
+    flat[:n] = specials[:n]
+    return flat.view(x.shape)
+
+
+def eager_and_ours(x: torch.Tensor, p: float, grad: torch.Tensor, seed: int = 1234):
+    """Run eager F.dropout and the op from the same seed: outputs, input grads, RNG states after."""
+    xa = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    ya = F.dropout(xa, p, training=True)
+    state_a = torch.get_rng_state()
+    ya.backward(grad)
+    xb = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    yb, bits = dropout_bits(xb, p, "torch")
+    state_b = torch.get_rng_state()
+    yb.backward(grad)
+    return (ya, xa.grad, state_a), (yb, xb.grad, state_b), bits
+
+
+@pytest.mark.parametrize("p", PROBABILITIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_gradient_and_rng_are_eager_bitwise(dtype: torch.dtype, p: float) -> None:
+    x = with_specials(torch.randn(37, 29).to(dtype))
+    grad = with_specials(torch.randn(37, 29).to(dtype).flip(0))
+    (ya, ga, state_a), (yb, gb, state_b), bits = eager_and_ours(x, p, grad)
+    assert_bitwise_equal(yb, ya)
+    assert_bitwise_equal(gb, ga)
+    assert torch.equal(state_a, state_b)  # the op consumed the global generator as eager did
+    assert bits.dtype == torch.uint8 and bits.shape == (packed_numel(x.numel()),)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.123, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_is_eagers_mask(dtype: torch.dtype, p: float) -> None:
+    """The kept set is the one eager draws (CPU ``_dropout``: bernoulli_ on empty_like(x))."""
+    x = torch.randn(13, 21).to(dtype)
+    torch.manual_seed(7)
+    eager_keep = torch.empty_like(x).bernoulli_(1 - p) != 0
+    torch.manual_seed(7)
+    _, native_keep = torch.ops.aten.native_dropout.default(x, p, True)
+    torch.manual_seed(7)
+    _, bits = dropout_bits(x, p, "torch")
+    keep = unpack_bits(bits, x.numel()).view(x.shape)
+    assert torch.equal(keep, eager_keep)
+    assert torch.equal(keep, native_keep)
+    assert 0 < keep.sum() < keep.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_and_3d_inputs_are_eager_bitwise(dtype: torch.dtype) -> None:
+    for x in (torch.randn(9, 17).to(dtype).t(), torch.randn(2, 5, 11).to(dtype).transpose(0, 2),
+              torch.randn(3, 4, 10).to(dtype)[:, 1:, ::2]):
+        assert not x.is_contiguous()
+        grad = torch.randn(x.shape).to(dtype)
+        (ya, ga, state_a), (yb, gb, state_b), bits = eager_and_ours(x, 0.3, grad)
+        assert yb.stride() == torch.empty_like(x).stride()
+        assert_bitwise_equal(yb, ya)
+        assert_bitwise_equal(gb, ga)
+        assert torch.equal(state_a, state_b)
+        # bits follow x's logical order whatever its strides
+        assert torch.equal(unpack_bits(bits, x.numel()).view(x.shape), ya != 0)
+
+
+def test_zero_and_one_probabilities() -> None:
+    x = torch.randn(5, 3)
+    state = torch.get_rng_state()
+    y, bits = dropout_bits(x, 0.0, "torch")
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    assert bits.tolist() == [0xFF, 0x7F]  # 15 kept elements, the pad bit is 0
+    y, bits = dropout_bits(x, 1.0, "torch")
+    assert torch.equal(y, torch.zeros_like(x)) and bits.tolist() == [0, 0]
+    assert torch.equal(torch.get_rng_state(), state)  # neither draws, as in eager
+    grad = torch.randn(5, 3)
+    assert torch.equal(dropout_bits_backward(grad, bits, 1.0, "torch"), torch.zeros_like(grad))
+
+
+def test_empty_input() -> None:
+    x = torch.empty(0, 4, requires_grad=True)
+    y, bits = dropout_bits(x, 0.5, "torch")
+    assert y.shape == (0, 4) and bits.shape == (0,)
+    y.sum().backward()
+    assert x.grad.shape == (0, 4)
+
+
+def test_training_flag_and_helper() -> None:
+    x = torch.randn(8, 8)
+    assert dropout(x, 0.5, training=False) is x
+    torch.manual_seed(0)
+    expected = F.dropout(x, 0.25, training=True)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.25), expected)
+
+
+def test_only_the_bits_are_saved() -> None:
+    x = torch.randn(10, 30, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = dropout_bits(x, 0.5, "torch")
+    assert len(saved) == 1
+    assert saved[0].dtype == torch.uint8 and saved[0].shape == (packed_numel(300),)
+    y.sum().backward()
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(0, 19), min_size=1, max_size=3).map(tuple), density=st.floats(0, 1))
+def test_pack_roundtrip_and_bit_order(shape: tuple[int, ...], density: float) -> None:
+    mask = torch.rand(shape) < density
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (packed_numel(mask.numel()),)
+    assert torch.equal(unpack_bits(bits, mask.numel()), mask.reshape(-1))
+    flat = mask.reshape(-1).tolist()
+    expected = [sum(int(v) << j for j, v in enumerate(flat[8 * i: 8 * i + 8])) for i in range(bits.numel())]
+    assert bits.tolist() == expected  # element i -> byte i // 8, bit i % 8, pad bits 0
+
+
+def test_noise_value_is_eagers_noise() -> None:
+    """The Python constant of the lowering equals eager's ``ones.div_(1 - p)`` in every dtype."""
+    generator = torch.Generator().manual_seed(0)
+    ps = torch.rand(300, generator=generator, dtype=torch.float64).tolist() + [0.1, 0.123, 1 - 1e-7, 0.99999, 1e-9]
+    for dtype in DTYPES + [torch.float64]:
+        ones = torch.ones(64, dtype=dtype)  # long enough for the vectorized kernel
+        for p in ps:
+            expected = ones.clone().div_(1 - p)
+            assert torch.equal(expected, torch.full_like(ones, noise_value(p, dtype))), (dtype, p)
+
+
+def test_only_the_backward_is_lowered() -> None:
+    ops = lowerable_ops()
+    assert torch.ops.fxshear.dropout_bits_backward.default in ops
+    assert torch.ops.fxshear.dropout_bits.default not in ops  # it draws random numbers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowering_traced_equals_the_op(dtype: torch.dtype) -> None:
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxshear.kernels.dropout_bits import _lower_backward
+
+    x = torch.randn(6, 11).to(dtype)
+    grad = with_specials(torch.randn(6, 11).to(dtype))
+    for p in PROBABILITIES + [0.99999]:
+        _, bits = dropout_bits(x, p, "torch")
+        traced = make_fx(lambda g, b: _lower_backward(g, b, p, "torch"),  # noqa: B023
+                         decomposition_table=select_decomp_table())(grad, bits)
+        expected = dropout_bits_backward(grad, bits, p, "torch")
+        assert_bitwise_equal(traced(grad, bits), expected)
+        assert_bitwise_equal(fused_backward(grad, bits, p), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype: torch.dtype) -> None:
+    for shape in [(3, 5), (2, 3, 9)]:
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        torch.library.opcheck(dropout_bits, (x, 0.3, "torch"))
+        _, bits = dropout_bits(x.detach(), 0.3, "torch")
+        torch.library.opcheck(dropout_bits_backward, (torch.randn(shape, dtype=dtype), bits, 0.3, "torch"))
+
+
+def test_bad_arguments_are_clear() -> None:
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout_bits(x, 1.5, "torch")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dropout_bits(x, 0.5, "cuda")
+    with pytest.raises(ValueError, match="bits must be"):
+        dropout_bits_backward(x, torch.zeros(1, dtype=torch.uint8), 0.5, "torch")
+    with pytest.raises(ValueError, match="bits must be"):
+        dropout_bits_backward(x, torch.zeros(2, dtype=torch.int8), 0.5, "torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused (native_dropout) path runs on CUDA only")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_is_eager_bitwise(dtype: torch.dtype, impl: str) -> None:
+    x = torch.randn(33, 130, dtype=dtype, device="cuda")
+    grad = torch.randn(33, 130, dtype=dtype, device="cuda")
+    for p in PROBABILITIES:
+        xa = x.clone().requires_grad_()
+        torch.cuda.manual_seed(5)
+        ya = F.dropout(xa, p, training=True)
+        ya.backward(grad)
+        state_a = torch.cuda.get_rng_state()
+        xb = x.clone().requires_grad_()
+        torch.cuda.manual_seed(5)
+        yb, bits = dropout_bits(xb, p, impl)
+        yb.backward(grad)
+        assert torch.equal(torch.cuda.get_rng_state(), state_a)
+        assert_bitwise_equal(yb, ya)
+        assert_bitwise_equal(xb.grad, xa.grad)
+    torch.library.opcheck(dropout_bits, (x.clone().requires_grad_(), 0.3, impl))
