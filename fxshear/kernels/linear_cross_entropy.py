@@ -1,0 +1,317 @@
+"""``fxshear::linear_cross_entropy``: LM head + cross-entropy that never keeps the logits.
+
+An LM head saves its ``[tokens, vocab]`` logits for backward (and the fp32 copy HF makes with
+``logits.float()``, and the log-softmax): for a 128k vocabulary that is the largest activation
+of the whole step.  This op (Liger-style) walks the tokens in chunks; for each chunk it builds
+the logits, turns them into the loss terms and, in the same buffer, into ``dloss/dlogits``,
+and immediately contracts those with the weight and the hidden states.  What it keeps for
+backward is the finished gradients w.r.t. ``hidden``, ``weight`` and ``bias``; the backward
+only scales them by the incoming (scalar) gradient of the loss.
+
+Ops:
+    linear_cross_entropy(hidden [N, H], weight [V, H], bias [V]?, target int64|int32 [N],
+                         ignore_index, label_smoothing, reduction, chunk_size, logits_fp32,
+                         need_hidden_grad, need_weight_grad, impl)
+        -> (loss 0-d, grad_hidden [N, H] | [0], grad_weight [V, H] | [0], grad_bias [V] | [0])
+
+Semantics are those of ``F.cross_entropy(F.linear(hidden, weight, bias)[.float()], target,
+ignore_index=, label_smoothing=, reduction=)`` for ``reduction`` "mean" and "sum":
+
+* ``logits_fp32``: the linear runs in ``hidden``'s dtype and its output is upcast (HF LLaMA:
+  ``logits.float()``); the loss is fp32.  Without it the chunk buffer stays in ``hidden``'s
+  dtype and so does the loss.  The softmax/loss math itself runs in fp32 either way (at least
+  fp32: fp64 inputs stay fp64), which is never less exact than eager.
+* ``label_smoothing`` ε: per row ``(1-ε)·(lse - x_t) + ε·(lse - mean_c x_c)``; "mean" divides
+  both terms by the number of non-ignored targets (torch's definition).  All targets ignored:
+  "mean" gives NaN and zero gradients, as eager does.
+* Gradients are summed over chunks in fp32 (``grad_weight``, ``grad_bias``) and returned in
+  the dtype of the tensor they belong to; ``grad_hidden`` rows are written chunk by chunk.
+  A gradient that is not needed (``need_*`` False, or no bias) is an empty ``[0]`` tensor and
+  its matmul is skipped.  The chunk size changes results only by float rounding.
+
+``impl``: "auto" (Triton on CUDA when importable), "torch" or "triton"; Triton only replaces
+the per-chunk softmax/loss/dlogits step, the matmuls are torch's in both paths.
+
+No CPU lowering is registered (see :mod:`fxshear.kernels.lowering`): traced by ``make_fx`` the
+chunk loop would unroll into one copy of the graph per chunk, and the work is matmuls, which
+Inductor calls as extern kernels anyway.  On CPU the op runs eagerly inside the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import use_triton
+
+REDUCTIONS = ("mean", "sum")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Default chunk: rows whose logits chunk buffer is at most this many bytes.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def _use_triton(t: torch.Tensor, impl: str) -> bool:
+    return use_triton(t, impl, "linear_cross_entropy_triton")
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the softmax/loss math and the gradient sums run in: at least fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _loss_dtype(hidden_dtype: torch.dtype, logits_fp32: bool) -> torch.dtype:
+    return _math_dtype(hidden_dtype) if logits_fp32 else hidden_dtype
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+           label_smoothing: float, reduction: str, chunk_size: int) -> None:
+    if reduction == "none":
+        raise ValueError("fxshear::linear_cross_entropy does not support reduction='none' "
+                         "(per-token losses need the logits kept); use 'mean' or 'sum'")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)} (flatten the token dimensions first)")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows (vocabulary size 0)")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden must be one of {FLOAT_DTYPES}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
+                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if target.dtype not in (torch.int64, torch.int32) or tuple(target.shape) != (hidden.shape[0],):
+        raise ValueError(f"target must be int64 (or int32) [N] = [{hidden.shape[0]}], "
+                         f"got {target.dtype} {tuple(target.shape)}")
+
+
+def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is a class index or ``ignore_index``; asynchronous (no host sync) on CUDA."""
+    ok = ((target >= 0) & (target < vocab)) | (target == ignore_index)
+    if target.device.type == "cuda":
+        torch._assert_async(ok.all(), "fxshear::linear_cross_entropy: target out of range")
+    elif not bool(ok.all()):
+        bad = target[~ok][:5].tolist()
+        raise ValueError(f"target values must be in [0, {vocab}) or ignore_index={ignore_index}, got {bad}")
+
+
+def cross_entropy_chunk_reference(logits: torch.Tensor, target: torch.Tensor, row_loss: torch.Tensor,
+                                  scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+                                  compute_grad: bool = True) -> None:
+    """The per-chunk step in torch; :func:`cross_entropy_chunk_triton` is its Triton twin.
+
+    ``logits`` [C, V] (any float dtype) is overwritten with ``dloss/dlogits`` =
+    ``(softmax - (1-ε)·onehot - ε/V) · scale`` (zero rows for ignored targets) when
+    ``compute_grad``; ``row_loss`` [C] (fp32 or fp64) receives each row's unscaled loss
+    ``(1-ε)·(lse - x_t) + ε·(lse - mean x)`` (0 for ignored rows).  ``scale`` is a 0-d tensor.
+    """
+    vocab = logits.shape[1]
+    x = logits.to(row_loss.dtype)  # the buffer itself when it already is the math dtype
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=1)
+    loss = lse - x.gather(1, safe_target).squeeze(1)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x.mean(dim=1))
+    row_loss.copy_(torch.where(valid, loss, 0.0))
+    if not compute_grad:
+        return
+    x = x.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+    if label_smoothing:
+        x.sub_(label_smoothing / vocab)
+    x.scatter_add_(1, safe_target, x.new_full(safe_target.shape, -(1.0 - label_smoothing)))
+    x.mul_(scale).masked_fill_(~valid.unsqueeze(1), 0.0)
+    if x.data_ptr() != logits.data_ptr():
+        logits.copy_(x)
+
+
+@functools.cache
+def _fp32_out_addmm_works(device: torch.device) -> bool:
+    """Whether ``addmm(acc32, a16, b16, out_dtype=fp32, out=acc32)`` runs and is right here."""
+    try:
+        acc = torch.ones(4, 8, device=device)
+        a = torch.arange(12, device=device, dtype=torch.float32).reshape(4, 3).div_(8)
+        b = torch.arange(24, device=device, dtype=torch.float32).reshape(3, 8).div_(16)
+        expected = acc + a @ b  # every value is exact in bf16, fp16 and fp32
+        ok = True
+        for dtype in (torch.bfloat16, torch.float16):
+            out = acc.clone()
+            torch.addmm(out, a.to(dtype), b.to(dtype), out_dtype=torch.float32, out=out)
+            ok = ok and out.dtype == torch.float32 and torch.equal(out, expected)
+        return ok
+    except Exception:  # noqa: BLE001 - unsupported here: use the fallback
+        return False
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32/fp64 and ``a``, ``b`` possibly 16-bit."""
+    if a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and a.dtype == b.dtype and acc.dtype == torch.float32 \
+            and _fp32_out_addmm_works(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # fp32 out of a 16-bit GEMM
+    elif acc.device.type == "cuda" and a.dtype == b.dtype:
+        acc.add_(torch.mm(a, b))  # one 16-bit rounding per chunk; no [V, H] fp32 GEMM on GPU
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@torch.library.custom_op("fxshear::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    chunk_size: int,
+    logits_fp32: bool,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of ``F.linear`` + ``F.cross_entropy`` and its gradients, chunk by chunk (module doc)."""
+    _check(hidden, weight, bias, target, label_smoothing, reduction, chunk_size)
+    triton_step = _use_triton(hidden, impl)
+    if triton_step and hidden.dtype == torch.float64:
+        if impl == "triton":
+            raise ValueError("the Triton path of fxshear::linear_cross_entropy does not take float64")
+        triton_step = False
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    math_dtype = _math_dtype(hidden.dtype)
+    _check_targets(target, vocab, ignore_index)
+
+    count = (target != ignore_index).sum().to(math_dtype)
+    scale = 1.0 / count if reduction == "mean" else torch.ones((), dtype=math_dtype, device=hidden.device)
+    row_loss = torch.empty(n, dtype=math_dtype, device=hidden.device)
+    grad_hidden = (torch.empty((n, h), dtype=hidden.dtype, device=hidden.device) if need_hidden_grad
+                   else hidden.new_empty(0))
+    weight_acc = torch.zeros((vocab, h), dtype=math_dtype, device=weight.device) if need_weight_grad else None
+    bias_acc = torch.zeros(vocab, dtype=math_dtype, device=weight.device) if bias is not None else None
+    compute_grad = need_hidden_grad or need_weight_grad or bias is not None
+
+    if triton_step:
+        from .linear_cross_entropy_triton import cross_entropy_chunk_triton as step
+    else:
+        step = cross_entropy_chunk_reference
+    target = target.to(torch.int64).contiguous()
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        h_chunk = hidden[start:end]
+        logits = F.linear(h_chunk, weight, bias)
+        if logits_fp32:
+            logits = logits.to(math_dtype)
+        step(logits, target[start:end], row_loss[start:end], scale, ignore_index, label_smoothing,
+             compute_grad)
+        if not compute_grad:
+            continue
+        dlogits = logits  # now dloss/dlogits, already scaled by the reduction
+        dlogits_low = dlogits.to(hidden.dtype)
+        if need_hidden_grad:
+            torch.mm(dlogits_low, weight, out=grad_hidden[start:end])
+        if weight_acc is not None:
+            a = dlogits_low if weight_acc.device.type == "cuda" else dlogits
+            _accumulate_mm(weight_acc, a.t(), h_chunk)
+        if bias_acc is not None:
+            bias_acc.add_(dlogits.sum(dim=0, dtype=math_dtype))
+        del logits, dlogits, dlogits_low
+
+    total = row_loss.sum()
+    loss = (total / count if reduction == "mean" else total).to(_loss_dtype(hidden.dtype, logits_fp32))
+    grad_weight = weight_acc.to(weight.dtype) if weight_acc is not None else weight.new_empty(0)
+    grad_bias = bias_acc.to(bias.dtype) if bias_acc is not None else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+@linear_cross_entropy.register_fake
+def _linear_cross_entropy_fake(hidden, weight, bias, target, ignore_index, label_smoothing, reduction,  # noqa: ANN001, ANN202
+                               chunk_size, logits_fp32, need_hidden_grad, need_weight_grad, impl):
+    _check(hidden, weight, bias, target, label_smoothing, reduction, chunk_size)
+    loss = hidden.new_empty((), dtype=_loss_dtype(hidden.dtype, logits_fp32))
+    grad_hidden = hidden.new_empty(tuple(hidden.shape)) if need_hidden_grad else hidden.new_empty(0)
+    grad_weight = weight.new_empty(tuple(weight.shape)) if need_weight_grad else weight.new_empty(0)
+    grad_bias = bias.new_empty(tuple(bias.shape)) if bias is not None else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature
+    _, grad_hidden, grad_weight, grad_bias = output
+    bias = inputs[2]
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.computed = (inputs[9], inputs[10], bias is not None)  # need_hidden_grad, need_weight_grad, bias
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+
+
+def _backward(ctx, grad_loss, grad_h, grad_w, grad_b):  # noqa: ANN001, ANN202
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    results = []
+    for needed, computed, grad, name in zip(ctx.needs_input_grad[:3], ctx.computed,
+                                            (grad_hidden, grad_weight, grad_bias), ("hidden", "weight", "bias")):
+        if not needed:
+            results.append(None)
+        elif not computed:
+            raise RuntimeError(f"fxshear::linear_cross_entropy: {name} requires grad but was called with "
+                               f"need_{name}_grad=False")
+        else:
+            results.append(grad * grad_loss.to(grad.dtype))
+    return (*results, None, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+def default_chunk_size(vocab: int, logits_fp32: bool = True, dtype: torch.dtype = torch.bfloat16,
+                       budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk's logits buffer stays within ``budget_bytes``.
+
+    Depends only on the vocabulary (never on the token count, which may be dynamic under
+    torch.compile); a multiple of 16 rows once there are at least 16, for tensor-core GEMMs.
+    """
+    element = _math_dtype(dtype).itemsize if logits_fp32 else dtype.itemsize
+    rows = max(1, budget_bytes // (int(vocab) * element))
+    return rows - rows % 16 if rows >= 16 else rows
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    logits_fp32: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias)[.float()], target, ...)`` without the logits.
+
+    ``hidden`` [..., H] and ``target`` [...] are flattened.  Which gradients are computed
+    follows ``requires_grad`` (and grad mode).  ``reduction="none"`` is not supported.
+    """
+    if target is None:
+        raise TypeError("fused_linear_cross_entropy() needs a target")
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    target_1d = target.reshape(-1)
+    if target_1d.dtype not in (torch.int64, torch.int32):
+        target_1d = target_1d.long()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0], logits_fp32, hidden.dtype)
+    grad_on = torch.is_grad_enabled()
+    loss, _, _, _ = linear_cross_entropy(
+        hidden_2d, weight, bias, target_1d, ignore_index, float(label_smoothing), reduction, chunk_size,
+        logits_fp32, grad_on and hidden.requires_grad, grad_on and weight.requires_grad, impl,
+    )
+    return loss
