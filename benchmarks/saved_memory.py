@@ -123,11 +123,9 @@ CONFIGS: list[BenchConfig] = [
     BenchConfig("torch.compile budget=0.5", _inductor, functorch_budget=0.5),
     BenchConfig("torch.compile budget=0.1", _inductor, functorch_budget=0.1),
     BenchConfig("fxshear exact", _with_fxshear("exact"), uses_fxshear=True),
+    BenchConfig("fxshear exact budget=0.5", _with_fxshear("exact", memory_budget=0.5), uses_fxshear=True),
+    BenchConfig("fxshear exact budget=0.1", _with_fxshear("exact", memory_budget=0.1), uses_fxshear=True),
     BenchConfig("fxshear balanced", _with_fxshear("balanced"), uses_fxshear=True),
-    BenchConfig("fxshear balanced budget=0.5", _with_fxshear("balanced", memory_budget=0.5),
-                uses_fxshear=True),
-    BenchConfig("fxshear balanced budget=0.1", _with_fxshear("balanced", memory_budget=0.1),
-                uses_fxshear=True),
 ]
 
 
@@ -181,6 +179,8 @@ class Row:
     saved_ratio: float | None = None
     time_ratio: float | None = None
     peak_rss_mib_process: float | None = None
+    peak_rss_mib_step: float | None = None
+    step_rss_growth_mib: float | None = None
     error: str | None = None
 
     @property
@@ -278,6 +278,68 @@ def finish_row(prepared: Prepared) -> Row:
     if prepared.cfg.uses_fxshear:
         row.ledger_activation_bytes = fxshear.ledger(prepared.model).activation_bytes
     return row
+
+
+def read_status_kib(field_name: str) -> int | None:
+    """A ``VmHWM``/``VmRSS`` value from /proc/self/status, in KiB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS: ``echo 5 > clear_refs``."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_step_peak(spec: ModelSpec, cfg: BenchConfig, steps: int = 3) -> dict[str, float]:
+    """In this (fresh) process: compile, warm up, then the peak RSS over ``steps`` steps.
+
+    The peak mark is reset after the warm-up step, so compile-time memory does not count: what
+    is left is the model, the batch and the training step itself.
+    """
+    prepared = prepare_config(spec, cfg)
+    training_step(prepared.loss_of, prepared.batch, prepared.params, cfg)
+    gc.collect()
+    before = read_status_kib("VmRSS")
+    if not reset_peak_rss() or before is None:
+        raise RuntimeError("peak RSS needs Linux /proc/self/clear_refs")
+    for _ in range(steps):
+        training_step(prepared.loss_of, prepared.batch, prepared.params, cfg)
+    peak = read_status_kib("VmHWM")
+    return {"peak_rss_mib_step": peak / 1024, "step_rss_growth_mib": (peak - before) / 1024}
+
+
+def fresh_process_peaks(spec_key: str, quick: bool, configs: list[BenchConfig],
+                        progress: Progress) -> dict[str, dict[str, float]]:
+    """Each configuration's step peak, measured in its own fresh Python process.
+
+    The children share this run's Inductor cache directory, so they compile from a warm cache.
+    """
+    peaks: dict[str, dict[str, float]] = {}
+    task = progress.add_task(f"{spec_key}: peak memory, one fresh process per row", total=len(configs))
+    for cfg in configs:
+        command = [sys.executable, __file__, "--peak-of", cfg.name, "--models", spec_key]
+        if quick:
+            command.append("--quick")
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode == 0 and lines:
+            peaks[cfg.name] = json.loads(lines[-1])
+        else:
+            progress.console.print(f"[red]{spec_key} / {cfg.name}: peak run failed[/red] "
+                                   f"{done.stderr.strip().splitlines()[-1:] }")
+        progress.advance(task)
+    progress.remove_task(task)
+    return peaks
 
 
 def run_model(spec: ModelSpec, configs: list[BenchConfig], steps: int,
@@ -414,8 +476,10 @@ NOTES = [
     "compile: the first step.",
     "first loss: loss of the first step after torch.manual_seed(0); with dropout on, eager and "
     "Inductor draw dropout masks differently, so only compiled exact rows are expected to match.",
-    "peak_rss_mib_process: ru_maxrss of the process once all rows of the model are compiled and "
-    "timed side by side: an upper bound shared by the rows, not a per-row peak.",
+    "peak RSS of the step: each row again in its own fresh process (warm Inductor cache), one "
+    "warm-up step, then the kernel's peak-RSS mark (VmHWM) is reset and 3 steps run; the "
+    "column is that peak (model, batch and step; compile-time memory excluded) and, in the JSON, "
+    "step_rss_growth_mib is the peak minus the resident size before the steps.",
 ]
 
 
@@ -426,7 +490,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def table_cells(row: Row) -> list[str]:
     """The Markdown/rich cells of one row, in HEADERS order."""
     if row.error is not None:
-        return [row.config, "error", *["—"] * 7]
+        return [row.config, "error", *["—"] * (len(HEADERS) - 2)]
     return [
         row.config,
         _fmt(row.saved_mib, ".1f"),
@@ -436,13 +500,13 @@ def table_cells(row: Row) -> list[str]:
         _fmt(row.time_ratio, ".2f", "×"),
         _fmt(row.compile_s, ".1f"),
         _fmt(row.first_loss, ".4f"),
-        _fmt(row.peak_rss_mib_process, ".0f"),
+        _fmt(row.peak_rss_mib_step, ".0f"),
     ]
 
 
 HEADERS = [
     "config", "saved activations (MiB, run time)", "ledger (MiB)", "vs torch.compile",
-    "step time (s)", "vs torch.compile", "compile (s)", "first loss", "peak_rss_mib_process",
+    "step time (s)", "vs torch.compile", "compile (s)", "first loss", "peak RSS of the step (MiB, fresh process)",
 ]
 
 
@@ -505,6 +569,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default {DEFAULT_OUT.relative_to(REPO_ROOT)}; "
                         f"with --quick {QUICK_OUT})")
+    parser.add_argument("--peak-of", default=None, metavar="CONFIG",
+                        help="internal: measure one configuration's step peak RSS in this process "
+                        "and print it as JSON")
+    parser.add_argument("--no-peaks", action="store_true",
+                        help="skip the per-row fresh-process peak memory runs")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use the existing Inductor cache instead of a fresh empty one "
                         "(compile times then depend on earlier runs)")
@@ -524,6 +593,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.peak_of is not None:
+        spec = (QUICK_MODELS if args.quick else FULL_MODELS)[args.models[0]]
+        cfg = next(c for c in CONFIGS if c.name == args.peak_of)
+        print(json.dumps(measure_step_peak(spec, cfg)))
+        return 0
     # Every row of a model keeps its own compiled graph of the same forward: allow them all.
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(CONFIGS)))
@@ -541,8 +615,13 @@ def main(argv: list[str] | None = None) -> int:
     ) as progress:
         results["inductor_cache"] = "warm: " + cache_dir if args.warm_cache else "fresh (cold)"
         overall = progress.add_task("all configurations", total=len(specs) * len(CONFIGS))
-        for spec in specs:
+        for key, spec in zip(args.models, specs):
             all_rows[spec.label] = run_model(spec, CONFIGS, args.steps, progress, overall)
+            if not args.no_peaks:
+                peaks = fresh_process_peaks(key, args.quick, CONFIGS, progress)
+                for row in all_rows[spec.label]:
+                    for name, value in peaks.get(row.config, {}).items():
+                        setattr(row, name, value)
     results["wall_s"] = time.perf_counter() - start
     results["command"] = "python benchmarks/saved_memory.py " + " ".join(
         (["--quick"] if args.quick else []) + [f"--models {','.join(args.models)}",
@@ -551,8 +630,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for label, rows in all_rows.items():
         console.print(rich_table(label, rows))
-    console.print(f"peak_rss_mib_process: process peak once all rows of a model are compiled side by side (an upper bound shared by the rows). "
-                  f"Wall time {results['wall_s']:.0f} s.")
+    console.print(f"Wall time {results['wall_s']:.0f} s.")
     json_path, md_path = write_results(results, args.out)
     console.print(f"wrote {json_path} and {md_path}")
     return 1 if any(r.error for rows in all_rows.values() for r in rows) else 0

@@ -23,7 +23,8 @@ from .config import ShearConfig
 from .log import log
 from .passes import PASSES
 from .passes.base import PassReport
-from .region import unrewritten_saved_bytes, Region, compile_and_record, copy_graph_module
+from .graph.partitioner import SavedSizes
+from .region import Region, compile_and_record, copy_graph_module, unrewritten_sizes
 
 _backend_ids = itertools.count()
 #: Every backend ever created, so ``fxshear.ledger(model)`` can find a model's regions.
@@ -58,7 +59,7 @@ class ShearBackend:
         self.regions.append(region)
         original = copy_graph_module(gm)
         rewritten = self._run_passes(gm, region) if region.has_backward else gm
-        region.reference_bytes = self._reference_bytes(original, example_inputs, region)
+        region.reference = self._reference(original, example_inputs, region)
         try:
             return self._compile(rewritten, example_inputs, region)
         except Exception as error:  # noqa: BLE001 - any failure must not stop training
@@ -92,8 +93,8 @@ class ShearBackend:
             gm = candidate
         return gm
 
-    def _reference_bytes(self, original: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                         region: Region) -> int | None:
+    def _reference(self, original: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                   region: Region) -> SavedSizes | None:
         """What plain Inductor would save, when a memory budget must be read against it.
 
         Only needed for a budget strictly between 0 and 1 on a graph some pass rewrote; it costs
@@ -103,7 +104,7 @@ class ShearBackend:
         if budget is None or not 0.0 < budget < 1.0 or not any(r.rewritten for r in region.pass_reports):
             return None
         try:
-            return unrewritten_saved_bytes(original, example_inputs)
+            return unrewritten_sizes(original, example_inputs, budget)
         except Exception as error:  # noqa: BLE001 - fall back to PyTorch's own reading of the budget
             log.warning("fxshear: could not measure %s unrewritten (%s); memory_budget applies to the "
                         "rewritten graph as PyTorch reads it", region.name, error)
@@ -112,7 +113,7 @@ class ShearBackend:
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], region: Region) -> Callable:
         region.index_origins(gm)
         return compile_and_record(gm, example_inputs, self.cfg, region.recorder(id(gm.graph)),
-                                  codegen=self.codegen, reference_bytes=region.reference_bytes)
+                                  codegen=self.codegen, reference=region.reference)
 
 
 def backend(preset: str = "balanced", **overrides: Any) -> ShearBackend:

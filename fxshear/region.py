@@ -21,7 +21,7 @@ import torch.fx
 from .compat import caches_disabled
 from .config import ShearConfig
 from .graph.ledger import Ledger, Origin, build_ledger
-from .graph.partitioner import Partition, ShearPartitioner, current_recorder
+from .graph.partitioner import Partition, SavedSizes, ShearPartitioner, current_recorder, saved_sizes
 from . import kernels as _kernels  # noqa: F401  (registers the ops and their CPU lowerings)
 from .kernels.lowering import LowerOpsOnCpu
 from .passes.base import PASS_META_KEY, PassReport, module_path
@@ -72,9 +72,9 @@ class Region:
     parameter_ids: frozenset[int] = frozenset()
     replayed: bool = False
     grad_enabled: bool = True
-    #: Activation bytes the unrewritten graph saves at budget 1.0 (set when a memory_budget
-    #: in (0, 1) is rescaled against it), and the budget the partitioner finally used.
-    reference_bytes: int | None = None
+    #: The unrewritten graph's budget range (set when a memory_budget in (0, 1) is read against
+    #: plain Inductor), and the budget fraction the partitioner finally used.
+    reference: SavedSizes | None = None
     effective_budget: float | None = None
 
     @classmethod
@@ -151,7 +151,7 @@ class Region:
         inputs = [x.make() if isinstance(x, (_TensorSpec, _ParameterRef)) else x for x in self.inputs]
         graph = copy_graph_module(self.graph)
         compile_and_record(graph, inputs, self.cfg, self.recorder(id(graph.graph)), codegen=False,
-                           reference_bytes=self.reference_bytes)
+                           reference=self.reference)
         self.replayed = True
 
     @property
@@ -167,7 +167,7 @@ class Region:
 
 def compile_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: ShearConfig,
                        record: Callable[[Partition], None], *, codegen: bool,
-                       reference_bytes: int | None = None) -> Callable:
+                       reference: SavedSizes | None = None) -> Callable:
     """``compile_fx`` with fxshear's partitioner, which hands its partition to ``record``.
 
     With ``codegen`` the graph is lowered by Inductor (on CPU, fxshear's ops become aten math it
@@ -176,7 +176,7 @@ def compile_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     """
     from torch._inductor.compile_fx import compile_fx
 
-    patches: dict[str, Any] = {"custom_partitioner_fn": ShearPartitioner(cfg, reference_bytes)}
+    patches: dict[str, Any] = {"custom_partitioner_fn": ShearPartitioner(cfg, reference)}
     token = current_recorder.set(record)
     try:
         if codegen:
@@ -188,18 +188,17 @@ def compile_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
         current_recorder.reset(token)
 
 
-def unrewritten_saved_bytes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int:
-    """Activation bytes plain Inductor saves for ``gm`` at budget 1.0 (trace and partition only)."""
-    from .graph.partitioner import saved_activation_bytes
-
-    found: list[int] = []
+def unrewritten_sizes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                      budget: float) -> SavedSizes | None:
+    """What plain Inductor saves for ``gm`` at ``budget`` (trace and partition only, no codegen)."""
+    found: list[SavedSizes] = []
 
     def record(partition: Partition) -> None:
-        found.append(saved_activation_bytes(partition.forward, partition.num_fwd_outputs))
+        found.append(saved_sizes(partition.forward, partition.num_fwd_outputs))
 
-    reference = ShearConfig.from_options(preset="none", memory_budget=1.0)
+    reference = ShearConfig.from_options(preset="none", memory_budget=budget)
     compile_and_record(copy_graph_module(gm), example_inputs, reference, record, codegen=False)
-    return found[-1] if found else 0
+    return found[-1] if found else None
 
 
 def no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:

@@ -22,7 +22,13 @@ def llama_report() -> fxshear.inspection.InspectionReport:
 def test_report_compares_ledgers_and_passes(llama_report) -> None:  # noqa: ANN001
     report = llama_report
     assert report.baseline.activation_bytes > 0 and report.shear.activation_bytes > 0
-    assert [len(r.rewritten) for p in report.passes for r in p.reports] == [2]
+    rewritten = {r.name: len(r.rewritten) for p in report.passes for r in p.reports}
+    assert rewritten == {"fused_loss": 1, "attention": 2, "share_norms": 4, "act_from_output": 0,
+                         "act2bit": 2, "dropout_bits": 0}
+    # Each pass that rewrote something is listed with the bytes it removed (measured).
+    removed = report.bytes_removed()
+    assert {name for name, count in rewritten.items() if count} <= set(removed)
+    assert sum(removed.values()) == report.baseline.activation_bytes - report.shear.activation_bytes
     codes = [e for e in report.ledger.entries if e.introduced_by == "act2bit"]
     assert codes and all(e.source for e in codes)
     assert not any(e.introduced_by for e in report.baseline.entries)

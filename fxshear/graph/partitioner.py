@@ -58,44 +58,65 @@ def fxshear_source_files() -> tuple[str, ...]:
     return tuple(sorted(str(p) for p in root.rglob("*.py")))
 
 
-def saved_activation_bytes(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> int:
-    """Bytes of the forward's saved tensors that are not graph inputs (parameters, batch)."""
+def _bytes(node: object) -> int:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+@dataclass(frozen=True)
+class SavedSizes:
+    """What one partition saves, the way PyTorch's memory budget counts it.
+
+    ``saved``: every tensor the partition saves, inputs (parameters) included; ``inputs``: every
+    forward input (what budget 0 would save).  A budget ``b`` lets the knapsack save at most
+    ``inputs + b * (saved_at_1 - inputs)``.
+    """
+
+    saved: int
+    inputs: int
+
+
+def saved_sizes(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> SavedSizes:
     output = next(n for n in reversed(forward.graph.nodes) if n.op == "output")
-    total = 0
-    for node in output.args[0][num_fwd_outputs:]:
-        value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-        if node is None or node.op == "placeholder" or not isinstance(value, torch.Tensor):
-            continue
-        total += value.numel() * value.element_size()
-    return total
+    saved = sum(_bytes(n) for n in output.args[0][num_fwd_outputs:])
+    inputs = sum(_bytes(n) for n in forward.graph.nodes if n.op == "placeholder")
+    return SavedSizes(saved=saved, inputs=inputs)
+
+
+def rescaled_budget(budget: float, reference: SavedSizes, own: SavedSizes) -> float:
+    """The fraction of this graph's range whose byte limit is what plain Inductor actually
+    saved at ``budget`` (``reference``); 1.0 when this graph's runtime-optimal set is smaller."""
+    span = own.saved - own.inputs
+    if span <= 0:
+        return budget
+    fraction = (reference.saved - own.inputs) / span
+    return min(1.0, max(fraction, 1e-6))
 
 
 class ShearPartitioner(CustomPartitionerFn):
     """min-cut under the config's memory budget; reports the partition to the compiling region.
 
-    ``reference_bytes`` is what the *unrewritten* graph saves at budget 1.0.  PyTorch's budget is
-    a fraction of the graph's own runtime-optimal saved set; after fxshear's rewrites that set is
-    smaller, so the same fraction would be a tighter target than the user asked for and buy more
-    recompute than needed.  With a reference, budget ``b`` means ``b`` times what plain
-    torch.compile would save, and the fraction passed on is rescaled to this graph's own set.
+    ``reference`` is what the *unrewritten* graph saves under Inductor's own partition at the
+    same budget.  PyTorch's budget is a fraction of a graph's own range between saving only its
+    inputs and its runtime-optimal saved set; after fxshear's rewrites that set is smaller, so
+    the same fraction would be a tighter byte target than plain torch.compile gets, bought with
+    more recompute.  With a reference, budget ``b`` means "save no more than torch.compile saves
+    at ``b``", and the fraction passed on is rescaled to this graph's range to say exactly that.
     """
 
-    def __init__(self, cfg: ShearConfig, reference_bytes: int | None = None) -> None:
+    def __init__(self, cfg: ShearConfig, reference: SavedSizes | None = None) -> None:
         self.cfg = cfg
-        self.reference_bytes = reference_bytes
+        self.reference = reference
         self.effective_budget: float | None = cfg.memory_budget
 
     def _budget(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any]) -> float | None:
         budget = self.cfg.memory_budget
-        if budget is None or not 0.0 < budget < 1.0 or not self.reference_bytes:
+        if budget is None or not 0.0 < budget < 1.0 or self.reference is None:
             return budget
         trial = copy_joint(gm)
         with activation_memory_budget(1.0):
             forward, _ = min_cut_rematerialization_partition(trial, joint_inputs, **kwargs)
-        own = saved_activation_bytes(forward, int(kwargs["num_fwd_outputs"]))
-        if own <= 0:
-            return budget
-        return min(1.0, budget * self.reference_bytes / own)
+        return rescaled_budget(budget, self.reference, saved_sizes(forward, int(kwargs["num_fwd_outputs"])))
 
     def __call__(
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -120,7 +141,7 @@ class ShearPartitioner(CustomPartitionerFn):
         return forward, backward
 
     def uuid(self) -> bytes:
-        extra = f"{self.cfg.to_json()}|reference={self.reference_bytes}|torch={torch.__version__}"
+        extra = f"{self.cfg.to_json()}|reference={self.reference}|torch={torch.__version__}"
         return get_hash_for_files(fxshear_source_files(), extra=extra)
 
 

@@ -1,3 +1,13 @@
-"""fxshear's custom ops. Importing this package registers them with torch.library."""
+"""fxshear's custom ops. Importing this package registers them with torch.library, together with
+the aten math each is lowered to on CPU after partitioning."""
 
-from . import act2bit  # noqa: F401  (registers fxshear::act2bit and fxshear::act2bit_backward)
+from . import (  # noqa: F401
+    act2bit,
+    act2bit_inductor,
+    act_from_output,
+    attention,
+    dropout_bits,
+    linear_cross_entropy,
+    norms,
+    shared_linear,
+)

@@ -2,7 +2,9 @@
 
 The op draws its mask exactly as eager ``F.dropout`` does (``aten.native_dropout`` on the global
 generator), so a seeded run gives the same masks and gradients as eager; plain torch.compile
-re-draws masks with Inductor's own generator.  Backward needs only the packed bits.
+re-draws masks with Inductor's own generator.  Backward needs only the packed bits.  Every
+training-mode dropout of the graph is rewritten, even one no gradient flows through (a frozen
+embedding's): a single dropout left to Inductor would draw from its generator instead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch.fx
 
 from ..config import ShearConfig
 from .base import PassReport, excluded
-from .match import call, dropout_arguments, is_float_tensor, outputs, requires_grad
+from .match import call, dropout_arguments, is_float_tensor, outputs
 
 NAME = "dropout_bits"
 
@@ -68,6 +70,6 @@ class DropoutBitsPass:
             return f"module excluded by pattern {pattern!r}"
         if not is_float_tensor(x):
             return "input is not an fp32/fp16/bf16 tensor"
-        if not requires_grad(x):
-            return "no gradient flows through it, so nothing is saved for backward"
+        # Dropouts no gradient flows through are rewritten too: they save nothing either way, but
+        # left to Inductor they would draw from its generator and shift every later mask.
         return None

@@ -24,13 +24,6 @@ NAME = "fused_loss"
 
 _CROSS_ENTROPY = (torch.nn.functional.cross_entropy,)
 _PASS_THROUGH = ("view", "reshape", "float", "to", "contiguous")
-# Rows per chunk are chosen so one chunk's fp32 logits stay under this many bytes.
-CHUNK_BYTES = 64 * 2**20
-
-
-def chunk_rows(tokens: int, vocab: int) -> int:
-    """Rows per chunk: as many as fit ``CHUNK_BYTES`` of fp32 logits, at least 1."""
-    return max(1, min(tokens, CHUNK_BYTES // (4 * max(vocab, 1))))
 
 
 class FusedLossPass:
@@ -42,7 +35,7 @@ class FusedLossPass:
         return cfg.fused_loss
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        from ..kernels import linear_cross_entropy  # noqa: F401  (registers the op)
+        from ..kernels.linear_cross_entropy import default_chunk_size
 
         report = PassReport(self.name)
         graph = gm.graph
@@ -60,13 +53,14 @@ class FusedLossPass:
             reduction = argument(node, 6, "reduction", "mean")
             smoothing = float(argument(node, 7, "label_smoothing", 0.0))
             hidden_value, weight_value = tensor_value(hidden), tensor_value(weight)
-            tokens = hidden_value.numel() // hidden_value.shape[-1]
+            # Rows per chunk depend on the vocabulary only (the token count may be dynamic).
+            chunk = default_chunk_size(weight_value.shape[0], logits_fp32, hidden_value.dtype)
             with graph.inserting_before(node):
                 rows = call(graph, torch.reshape, (hidden, (-1, hidden_value.shape[-1])),
                             like=linear, pass_name=self.name)
                 fused = call(graph, torch.ops.fxshear.linear_cross_entropy.default,
                              (rows, weight, bias, target, int(ignore_index), smoothing, reduction,
-                              chunk_rows(tokens, weight_value.shape[0]), logits_fp32,
+                              chunk, logits_fp32,
                               requires_grad(hidden), requires_grad(weight), cfg.kernels),
                              like=node, pass_name=self.name)
             loss = outputs(graph, fused, 4, like=node, pass_name=self.name)[0]
