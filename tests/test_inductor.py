@@ -117,7 +117,7 @@ def test_warm_cache_gives_the_same_graphs_ledger_and_numbers(tmp_path: Path) -> 
     assert warm["ledger"] == cold["ledger"]
     assert warm["graphs"] == cold["graphs"]
     assert warm["loss"] == cold["loss"] and warm["grads"] == cold["grads"]
-    assert any(e["introduced_by"] == "act2bit" for r in warm["ledger"]["regions"] for e in r["entries"])
+    assert any(e["introduced_by"] == "act_from_output" for r in warm["ledger"]["regions"] for e in r["entries"])
     # A different config must not be served from the balanced entry.
     plain = _compile_in_fresh_process(tmp_path, "none")
     assert plain["ledger"] != cold["ledger"]

@@ -96,13 +96,19 @@ def fake_run(node: torch.fx.Node) -> None:
     mode = next((t.fake_mode for t in flat if isinstance(t, FakeTensor)), None)
     if mode is None:
         return
-    with mode:
+    # No autograd while computing metadata: a user's saved_tensors_hooks (a memory counter)
+    # would otherwise be handed fake tensors.  requires_grad is then set as autograd would.
+    with mode, torch.no_grad():
         if node.op == "call_function":
             value = node.target(*args, **kwargs)
         elif node.op == "call_method":
             value = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:
             return
+    if any(t.requires_grad for t in flat):
+        for out in (value if isinstance(value, (tuple, list)) else (value,)):
+            if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+                out.requires_grad_(True)
     node.meta["example_value"] = value
 
 
