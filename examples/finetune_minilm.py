@@ -5,7 +5,7 @@ This is the program ``make demo`` runs.  Both runs start from the same pretraine
 optimizer, so the only difference is the compiler backend:
 
     compiled = torch.compile(model)                                          # Inductor
-    compiled = torch.compile(model, backend=fxshear.backend(preset="balanced"))  # fxshear
+    compiled = torch.compile(model, backend=fxshear.backend(preset="exact"))  # fxshear (default preset)
 
 The task is real text classification that needs no download: which stdlib package
 (asyncio, email, logging, xml) wrote a docstring?  Each step counts the activation bytes
@@ -14,7 +14,7 @@ model is evaluated on the held-out split.  At the end a table compares the two r
 HTML report (``fxshear.inspect``) explains what fxshear saved, op by op.
 
     python examples/finetune_minilm.py                        # defaults: 30 steps, batch 16, seq 64
-    python examples/finetune_minilm.py --steps 4 --batch 4 --seq 32 --preset exact
+    python examples/finetune_minilm.py --steps 4 --batch 4 --seq 32 --preset balanced
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=_positive_int, default=30, help="optimizer steps per run")
     parser.add_argument("--batch", type=_positive_int, default=16, help="examples per step")
     parser.add_argument("--seq", type=_seq_len, default=64, help="tokens per example (padded)")
-    parser.add_argument("--preset", default="balanced", choices=fxshear.PRESETS,
+    parser.add_argument("--preset", default="exact", choices=fxshear.PRESETS,
                         help="fxshear preset for the second run")
     parser.add_argument("--html", default="out/fxshear-inspect.html",
                         help="where to write the HTML inspection report")

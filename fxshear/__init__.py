@@ -1,6 +1,6 @@
 """fxshear: a torch.compile backend that saves far less for backward when fine-tuning.
 
-    model = torch.compile(model, backend="fxshear")                    # balanced preset
+    model = torch.compile(model, backend="fxshear")                    # exact preset (the default)
     model = torch.compile(model, backend=fxshear.backend(preset="exact", memory_budget=0.5))
     report = fxshear.inspect(model, *example_inputs)                    # what is saved, and why
 """
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 register_accelerate_backend()  # lets transformers' Trainer name torch_compile_backend="fxshear"
 
 
-def inspect(model, *example_inputs, preset: str = "balanced", example_kwargs=None, **overrides):  # noqa: ANN001, ANN201
+def inspect(model, *example_inputs, preset: str = "exact", example_kwargs=None, **overrides):  # noqa: ANN001, ANN201
     """Compare what fxshear and plain torch.compile save for ``model(*example_inputs, **example_kwargs)``.
 
     ``overrides`` are fxshear options (e.g. ``memory_budget=0.5``). Returns an

@@ -22,7 +22,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .config import DEFAULT_PRESET, PRESETS
     from .models import MODEL_NAMES
 
     parser = argparse.ArgumentParser(prog="fxshear", description=__doc__)
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--size", default="small", help="size of a built-in config model (small|bench)")
     ins.add_argument("--batch", type=int, default=8)
     ins.add_argument("--seq", type=int, default=128)
-    ins.add_argument("--preset", default="balanced", choices=PRESETS)
+    ins.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS)
     ins.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                      help="an fxshear option, repeatable (e.g. memory_budget=0.5)")
     ins.add_argument("--html", help="write the HTML report here")

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from .compat import check_torch_version
-from .config import ShearConfig
+from .config import DEFAULT_PRESET, ShearConfig
 from .log import log
 from .passes import PASSES
 from .passes.base import PassReport
@@ -116,7 +116,7 @@ class ShearBackend:
                                   codegen=self.codegen, reference=region.reference)
 
 
-def backend(preset: str = "balanced", **overrides: Any) -> ShearBackend:
+def backend(preset: str = DEFAULT_PRESET, **overrides: Any) -> ShearBackend:
     """A configured backend: ``torch.compile(model, backend=fxshear.backend(preset="exact"))``."""
     return ShearBackend(ShearConfig.from_options(preset=preset, **overrides))
 

@@ -16,7 +16,7 @@ from typing import Any
 from .kernels.act2bit_reference import KINDS as ACT2BIT_KINDS
 
 PRESETS = ("none", "exact", "balanced", "aggressive")
-DEFAULT_PRESET = "balanced"
+DEFAULT_PRESET = "exact"  # most fine-tuning users will not accept approximate gradients
 KERNEL_CHOICES = ("auto", "torch", "triton")
 ON_ERROR_CHOICES = ("fallback", "raise")
 ACT_FROM_OUTPUT_CHOICES = ("off", "exact_dtypes", "all")

@@ -10,7 +10,7 @@ from fxshear.config import ConfigError, ShearConfig
 
 
 def test_presets_and_defaults() -> None:
-    assert ShearConfig.from_options().preset == "balanced"
+    assert ShearConfig.from_options().preset == "exact"
     assert ShearConfig.from_options(preset="exact").exact
     assert not ShearConfig.from_options(preset="balanced").exact
     assert ShearConfig.from_options(preset="aggressive").act2bit

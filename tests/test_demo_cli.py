@@ -29,7 +29,7 @@ def test_demo_help_lists_its_options_and_bad_values_are_rejected(
 
     defaults = demo.parse_args([])
     assert (defaults.steps, defaults.batch, defaults.seq, defaults.preset, defaults.lr) == (
-        30, 16, 64, "balanced", 5e-5)
+        30, 16, 64, "exact", 5e-5)
     assert defaults.html == "out/fxshear-inspect.html"
 
     for bad in (["--steps", "0"], ["--seq", "1"], ["--preset", "nope"], ["--lr", "-1"]):

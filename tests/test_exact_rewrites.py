@@ -147,3 +147,23 @@ def test_inspection_lists_bytes_removed_per_pass() -> None:
     removed = report.bytes_removed()
     assert EXACT_PASSES - {"fused_loss"} <= {name for name, freed in removed.items() if freed > 0}
     assert sum(removed.values()) == report.baseline.activation_bytes - report.shear.activation_bytes
+
+
+def test_fused_loss_when_the_logits_are_also_returned() -> None:
+    """Hugging Face models return the logits beside the loss (the Trainer keeps both): the
+    rewrite still fuses the loss, the returned logits are unchanged, and the gradients equal
+    eager's."""
+    example = build_model("llama", dropout=False)
+    batch = example.make_batch(2, 16, seed=1)
+    eager = example.model(**batch)
+    eager.loss.backward()
+    eager_grads = grads(example.model)
+    example.model.zero_grad(set_to_none=True)
+    backend = analysis_backend()
+    out = torch.compile(example.model, backend=backend)(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close_in_norm(grads(example.model), eager_grads, rel=2e-5, floor=1e-4)
+    report = next(r for region in backend.regions for r in region.pass_reports if r.name == "fused_loss")
+    assert len(report.rewritten) == 1 and "still computed for their other use" in report.rewritten[0]

@@ -53,7 +53,7 @@ def test_llama_silu_balanced_through_inductor() -> None:
     reference = with_2bit_activations(example.model)
     ref_loss = example.loss(reference, batch)
     ref_loss.backward()
-    compiled = torch.compile(example.model, backend="fxshear")
+    compiled = torch.compile(example.model, backend="fxshear", options={"preset": "balanced"})
     loss = example.loss(compiled, batch)
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..backend import ShearBackend
-from ..config import ShearConfig
+from ..config import DEFAULT_PRESET, ShearConfig
 from ..graph.ledger import ModelLedger
 from ..passes import PASSES
 from ..passes.base import PassReport
@@ -184,7 +184,7 @@ def _removed_by_pass(model: torch.nn.Module, cfg: ShearConfig, baseline: ModelLe
     return removed + [(name, 0) for name in order if name not in active]
 
 
-def inspect(model: torch.nn.Module, *example_inputs: Any, preset: str = "balanced",
+def inspect(model: torch.nn.Module, *example_inputs: Any, preset: str = DEFAULT_PRESET,
             example_kwargs: Mapping[str, Any] | None = None, per_pass: bool = True,
             **overrides: Any) -> InspectionReport:
     """Trace ``model(*example_inputs, **example_kwargs)`` under torch.compile and under fxshear.

@@ -7,6 +7,7 @@ inspection tool can show them, and a warm cache (where Inductor skips our hooks)
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,12 +88,17 @@ def module_path(node: torch.fx.Node) -> str:
     return _clean_module_path(path)
 
 
+_DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\](\[\d+\])*\.?")
+
+
 def _clean_module_path(path: str) -> str:
-    # Dynamo spells paths like "L['self'].bert.encoder.layer[0].intermediate"
-    for prefix in ("L['self'].", "L['self']", "L['fn'].", "L['mod']."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-            break
+    """The user's dotted module path from Dynamo's source spelling.
+
+    Dynamo names the root after how the module reached it (``L['self']``, ``L['mod']``, or, for a
+    compiled ``nn.Module`` on newer releases, ``L['args'][0]``) and may spell children with
+    subscripts (``layer[0]``); exclude patterns are written against ``model.named_modules()``.
+    """
+    path = _DYNAMO_ROOT.sub("", path, count=1)
     return path.replace("[", ".").replace("]", "").replace("'", "")
 
 
