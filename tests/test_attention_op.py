@@ -357,8 +357,11 @@ def test_lowering_functions_trace_to_the_op(dtype, p) -> None:  # noqa: ANN001
 
     traced = make_fx(forward)(q, k, v, mask)
     ops = {n.target for n in traced.graph.nodes if n.op == "call_function"}
-    assert (torch.ops.fxshear.attention.default in ops) == (p > 0)  # dropout: stays opaque
+    assert torch.ops.fxshear.attention.default not in ops
+    # dropout: only the draw stays opaque, as eager's own dropout calls
+    assert (torch.ops.fxshear.dropout_bits.default in ops) == (p > 0)
     assert torch.ops.aten.native_dropout.default not in ops
+    assert torch.ops.aten.bernoulli_.float not in ops
     torch.manual_seed(1)
     expected = attention(q, k, v, mask, 0.5, p, "torch")
     torch.manual_seed(1)
@@ -415,8 +418,8 @@ def test_lowering_pass_inlines_all_but_the_dropout_forward(p) -> None:  # noqa: 
 
 @pytest.mark.slow
 def test_inductor_with_the_lowering_matches_eager_with_dropout() -> None:
-    """Compiled with the CPU lowering: the dropout forward stays one opaque call (eager masks),
-    the backward is fused aten math, and the same seed gives eager's output and gradients."""
+    """Compiled with the CPU lowering: only the dropout draw stays an opaque call (eager masks),
+    the rest of the forward and the backward are fused aten math, and the same seed gives eager's output and gradients."""
     from torch._inductor.utils import run_and_get_code
 
     q, k, v = hf_qkv(2, 9, 2, 8, torch.float32, seed=3)
@@ -430,9 +433,11 @@ def test_inductor_with_the_lowering_matches_eager_with_dropout() -> None:
         compiled = torch.compile(step, backend="inductor")
         actual, codes = run_and_get_code(lambda: run(compiled, q, k, v, grad, seed=4))
     expected = run(lambda q, k, v: eager_attention(q, k, v, mask, 8**-0.5, 0.2, False), q, k, v, grad, seed=4)
-    assert torch.equal(actual[0], expected[0])
-    for a, e in zip(actual[1:], expected[1:]):
+    # Inductor's fused softmax may round differently in the last bit; a different mask would
+    # differ by whole dropped terms, far outside this tolerance
+    for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     forward_code, backward_code = codes
-    assert "torch.ops.fxshear.attention.default" in forward_code
+    assert "torch.ops.fxshear.attention.default" not in forward_code
+    assert "torch.ops.fxshear.dropout_bits.default" in forward_code
     assert "fxshear" not in backward_code

@@ -167,3 +167,19 @@ def test_fused_loss_when_the_logits_are_also_returned() -> None:
     assert_grads_close_in_norm(grads(example.model), eager_grads, rel=2e-5, floor=1e-4)
     report = next(r for region in backend.regions for r in region.pass_reports if r.name == "fused_loss")
     assert len(report.rewritten) == 1 and "still computed for their other use" in report.rewritten[0]
+
+
+def test_gradients_through_the_returned_logits_still_flow() -> None:
+    """A loss that also uses the returned logits (a distillation-style term) gets F.linear's
+    gradients through them: the head's zero-gradient shortcut only applies to zeros."""
+    example = build_model("llama", dropout=False)
+    batch = example.make_batch(2, 16, seed=2)
+
+    def total(out):  # noqa: ANN001, ANN202
+        return out.loss + 1e-3 * out.logits.float().square().mean()
+
+    total(example.model(**batch)).backward()
+    eager_grads = grads(example.model)
+    example.model.zero_grad(set_to_none=True)
+    total(torch.compile(example.model, backend=analysis_backend())(**batch)).backward()
+    assert_grads_close_in_norm(grads(example.model), eager_grads, rel=2e-5, floor=1e-4)

@@ -251,6 +251,24 @@ def test_opcheck(dtype: torch.dtype, bias: bool) -> None:
                           (hidden, weight.detach(), b, target, -100, 0.0, "sum", 4, False, True, False, "torch"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("logits_fp32", [True, False])
+def test_given_logits_match_recomputed_and_stay_untouched(dtype: torch.dtype, logits_fp32: bool) -> None:
+    """A model that returns its logits hands them in: same loss and gradients, logits unmodified."""
+    hidden, weight, b, target = make_inputs(11, 6, 17, dtype, seed=2)
+    logits = F.linear(hidden, weight, b).detach()
+    before = logits.clone()
+    args = (hidden, weight, b, target, -100, 0.1, "mean", 4, logits_fp32, True, True, "torch")
+    recomputed = linear_cross_entropy(*args)
+    given = linear_cross_entropy(*args, logits)
+    assert torch.equal(logits, before)
+    for g, r in zip(given, recomputed):  # a chunk's matmul may round unlike the full one
+        torch.testing.assert_close(g, r)
+    torch.library.opcheck(linear_cross_entropy, (*args, logits))
+    with pytest.raises(ValueError, match="logits must be the Linear's output"):
+        linear_cross_entropy(*args, logits[:, :-1])
+
+
 def test_opcheck_no_grads() -> None:
     hidden, weight, _, target = make_inputs(5, 4, 9, hidden_grad=False, weight_grad=False)
     torch.library.opcheck(linear_cross_entropy,

@@ -9,5 +9,6 @@ from . import (  # noqa: F401
     dropout_bits,
     linear_cross_entropy,
     norms,
+    returned_linear,
     shared_linear,
 )

@@ -20,9 +20,10 @@ Semantics (the torch path is the reference; the Triton kernels are tested agains
   are cast to q's dtype before dropout and the ·v matmul.  For fp32 models this is exactly the
   eager pattern (bit for bit when the model multiplies by the scale); for half precision it
   mirrors LLaMA's ``softmax(dtype=float32).to(q.dtype)``.
-* Dropout (``dropout_p > 0``) calls ``aten.native_dropout`` on a probabilities tensor of the
-  eager shape and dtype, so the global RNG is consumed exactly as eager ``F.dropout`` consumes
-  it and the masks are the same.  ``bits`` is that mask, 1 bit per element, little-endian:
+* Dropout (``dropout_p > 0``) makes the aten calls eager ``F.dropout`` makes on this device
+  (``native_dropout`` on CUDA, ``bernoulli_`` noise on CPU; see ``dropout_bits``) on a
+  probabilities tensor of the eager shape and dtype, so the global RNG is consumed exactly as
+  eager consumes it and the masks and outputs are the same.  ``bits`` is that mask, 1 bit per element, little-endian:
   element ``i`` of the contiguous ``[B, H, Sq, Sk]`` sits in bit ``i % 8`` of byte ``i // 8``
   (1 = kept).  With ``dropout_p == 0`` no RNG is used and ``bits`` is ``uint8[0]``.
 * ``lse = logsumexp(S, -1)`` in fp32, ``[B, H, Sq]``.  It is what the Triton backward rebuilds
@@ -36,9 +37,9 @@ Semantics (the torch path is the reference; the Triton kernels are tested agains
 "triton"; it is an argument, not global state, so it is part of the traced graph.
 
 After partitioning, CPU calls are lowered to the same aten math (see :mod:`.lowering`) so
-Inductor fuses it: ``attention_backward`` always, ``attention`` only with ``dropout_p == 0``.
-With dropout the forward must stay an opaque kernel: an RNG call inlined into the graph would
-be re-seeded by Inductor and break the eager-equal masks.
+Inductor fuses it.  With dropout only the draw itself stays an opaque kernel
+(``fxshear::dropout_bits``): an RNG call inlined into the graph would be re-seeded by Inductor
+and break the eager-equal masks.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import use_triton
+from .dropout_bits import dropout_reference, fused_path, noise_value
 from .lowering import register_cpu_lowering
 
 TRITON_MAX_HEAD_DIM = 128
@@ -144,6 +146,13 @@ def dropout_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
+def _kept_value(q: torch.Tensor, dropout_p: float) -> float:
+    """What eager dropout multiplies a kept element by on q's device (see ``dropout_bits``)."""
+    if fused_path(q, dropout_p) or dropout_p >= 1.0:
+        return dropout_scale(dropout_p)
+    return noise_value(dropout_p, q.dtype)
+
+
 def _triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         q.dtype in TRITON_DTYPES
@@ -193,8 +202,9 @@ def attention_reference(
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     lse = torch.logsumexp(scores, dim=-1)
     if dropout_p > 0:
-        # Same call, shape and dtype as eager dropout on the probabilities: same RNG draws.
-        probs, keep = torch.ops.aten.native_dropout.default(probs, dropout_p, True)
+        # The aten calls eager F.dropout makes on this device, on a probabilities tensor of the
+        # eager shape and dtype: same RNG draws, same mask, same output bits.
+        probs, keep = dropout_reference(probs, dropout_p)
         bits = pack_bits(keep)
     else:
         bits = torch.empty((0,), dtype=torch.uint8, device=q.device)
@@ -226,7 +236,7 @@ def attention_backward_reference(
     probs_cast = probs.to(dtype)
     grad_out = grad_out.to(dtype)
     if dropout_p > 0:
-        keep = unpack_bits(bits, probs.shape).to(dtype) * dropout_scale(dropout_p)
+        keep = unpack_bits(bits, probs.shape).to(dtype) * _kept_value(q, dropout_p)
         dropped = probs_cast * keep
     else:
         keep = None
@@ -391,15 +401,22 @@ def _lower_attention(
     dropout_p: float,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Aten math when ``dropout_p == 0``; with dropout the op itself, i.e. the node stays opaque.
+    """Aten math, Inductor-fused; with dropout the mask is drawn by the opaque ``dropout_bits``.
 
-    ``lowering`` has no per-node predicate: tracing a call of the op re-emits the same opaque
-    node (custom ops are leaves under make_fx), so for ``dropout_p > 0`` the pass swaps the
-    node for an identical one and no RNG op ever reaches Inductor.
+    Only the random draw must stay out of Inductor (it would re-seed it and change the masks):
+    ``fxshear::dropout_bits`` runs eager's own dropout calls on the probabilities and is a leaf
+    under make_fx, while the scores, softmax, log-sum-exp and ``·v`` around it are fused.  Its
+    bit layout is the one this op promises (row-major, little-endian), so the backward is
+    unchanged.
     """
-    if dropout_p > 0:
-        return torch.ops.fxshear.attention.default(q, k, v, mask, scale, dropout_p, impl)
-    return attention_reference(q, k, v, mask, scale, 0.0)
+    if dropout_p <= 0:
+        return attention_reference(q, k, v, mask, scale, 0.0)
+    scores = attention_scores(q, k, mask, scale)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    lse = torch.logsumexp(scores, dim=-1)
+    dropped, bits = torch.ops.fxshear.dropout_bits.default(probs, dropout_p, "torch")
+    out = torch.matmul(dropped, v).contiguous()
+    return out, lse.contiguous(), bits
 
 
 @register_cpu_lowering(torch.ops.fxshear.attention_backward.default)

@@ -166,7 +166,9 @@ def _check_bits(bits: torch.Tensor, numel: int) -> None:
         )
 
 
-@torch.library.custom_op("fxshear::dropout_bits", mutates_args=())
+# nondeterministic_seeded: the compiler must neither merge two calls nor move one across another
+# random op, or the draws would leave eager's order.
+@torch.library.custom_op("fxshear::dropout_bits", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def dropout_bits(x: torch.Tensor, p: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-mode dropout: ``(y, bits)``, eager-equal y and mask, the mask packed 8 per byte."""
     _check_p(p)

@@ -11,8 +11,13 @@ only scales them by the incoming (scalar) gradient of the loss.
 Ops:
     linear_cross_entropy(hidden [N, H], weight [V, H], bias [V]?, target int64|int32 [N],
                          ignore_index, label_smoothing, reduction, chunk_size, logits_fp32,
-                         need_hidden_grad, need_weight_grad, impl)
+                         need_hidden_grad, need_weight_grad, impl, logits [N, V]? = None)
         -> (loss 0-d, grad_hidden [N, H] | [0], grad_weight [V, H] | [0], grad_bias [V] | [0])
+
+    ``logits`` (optional, last): the ``[N, V]`` output of ``F.linear(hidden, weight, bias)`` when
+    the caller computes it anyway (a model that returns its logits); each chunk is then copied
+    from it instead of recomputed, which saves one ``[N, H] x [H, V]`` matmul.  It is read in the
+    forward only and never saved, and gets no gradient from this op.
 
 Semantics are those of ``F.cross_entropy(F.linear(hidden, weight, bias)[.float()], target,
 ignore_index=, label_smoothing=, reduction=)`` for ``reduction`` "mean" and "sum":
@@ -95,6 +100,15 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                          f"got {target.dtype} {tuple(target.shape)}")
 
 
+def _check_logits(logits: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    if logits is None:
+        return
+    expected = (hidden.shape[0], weight.shape[0])
+    if tuple(logits.shape) != expected or logits.dtype != hidden.dtype:
+        raise ValueError(f"logits must be the Linear's output, {hidden.dtype} {expected}, "
+                         f"got {logits.dtype} {tuple(logits.shape)}")
+
+
 def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every target is a class index or ``ignore_index``; asynchronous (no host sync) on CUDA."""
     ok = ((target >= 0) & (target < vocab)) | (target == ignore_index)
@@ -112,25 +126,38 @@ def cross_entropy_chunk_reference(logits: torch.Tensor, target: torch.Tensor, ro
 
     ``logits`` [C, V] (any float dtype) is overwritten with ``dloss/dlogits`` =
     ``(softmax - (1-ε)·onehot - ε/V) · scale`` (zero rows for ignored targets) when
-    ``compute_grad``; ``row_loss`` [C] (fp32 or fp64) receives each row's unscaled loss
-    ``(1-ε)·(lse - x_t) + ε·(lse - mean x)`` (0 for ignored rows).  ``scale`` is a 0-d tensor.
+    ``compute_grad`` (and with scratch values otherwise); ``row_loss`` [C] (fp32 or fp64)
+    receives each row's unscaled loss ``(1-ε)·(lse - x_t) + ε·(lse - mean x)`` (0 for ignored
+    rows).  ``scale`` is a 0-d tensor.
+
+    One exponential per element: the row maximum is subtracted and exponentiated in place, and
+    both the log-sum-exp and the softmax come from that one buffer (``torch.logsumexp`` followed
+    by a second ``exp`` for the softmax costs twice the passes over ``[C, V]`` on CPU).
     """
     vocab = logits.shape[1]
     x = logits.to(row_loss.dtype)  # the buffer itself when it already is the math dtype
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
-    lse = torch.logsumexp(x, dim=1)
-    loss = lse - x.gather(1, safe_target).squeeze(1)
-    if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x.mean(dim=1))
+    picked = x.gather(1, safe_target).squeeze(1)
+    mean_x = x.mean(dim=1) if label_smoothing else None
+    row_max = x.amax(dim=1, keepdim=True)
+    # rows that are all -inf would give inf - inf; eager's logsumexp gives -inf there, so do we
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    exp_sum = x.sub_(row_max).exp_().sum(dim=1)
+    lse = row_max.squeeze(1) + exp_sum.log()
+    loss = lse - picked
+    if mean_x is not None:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - mean_x)
     row_loss.copy_(torch.where(valid, loss, 0.0))
     if not compute_grad:
         return
-    x = x.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+    row_scale = torch.where(valid, scale / exp_sum, 0.0)
+    x.mul_(row_scale.unsqueeze(1))  # softmax · scale; ignored rows become 0
+    smoothing_term = (label_smoothing / vocab) * scale
     if label_smoothing:
-        x.sub_(label_smoothing / vocab)
-    x.scatter_add_(1, safe_target, x.new_full(safe_target.shape, -(1.0 - label_smoothing)))
-    x.mul_(scale).masked_fill_(~valid.unsqueeze(1), 0.0)
+        x.sub_(torch.where(valid, smoothing_term, 0.0).unsqueeze(1))
+    hit = torch.where(valid, -(1.0 - label_smoothing) * scale, 0.0).to(x.dtype).unsqueeze(1)
+    x.scatter_add_(1, safe_target, hit)
     if x.data_ptr() != logits.data_ptr():
         logits.copy_(x)
 
@@ -180,9 +207,11 @@ def linear_cross_entropy(
     need_hidden_grad: bool,
     need_weight_grad: bool,
     impl: str,
+    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``F.linear`` + ``F.cross_entropy`` and its gradients, chunk by chunk (module doc)."""
     _check(hidden, weight, bias, target, label_smoothing, reduction, chunk_size)
+    _check_logits(logits, hidden, weight)
     triton_step = _use_triton(hidden, impl)
     if triton_step and hidden.dtype == torch.float64:
         if impl == "triton":
@@ -207,12 +236,16 @@ def linear_cross_entropy(
     else:
         step = cross_entropy_chunk_reference
     target = target.to(torch.int64).contiguous()
+    given_logits = logits
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h_chunk = hidden[start:end]
-        logits = F.linear(h_chunk, weight, bias)
-        if logits_fp32:
-            logits = logits.to(math_dtype)
+        if given_logits is not None:  # a private copy: the step overwrites its buffer
+            logits = given_logits[start:end].to(math_dtype if logits_fp32 else hidden.dtype, copy=True)
+        else:
+            logits = F.linear(h_chunk, weight, bias)
+            if logits_fp32:
+                logits = logits.to(math_dtype)
         step(logits, target[start:end], row_loss[start:end], scale, ignore_index, label_smoothing,
              compute_grad)
         if not compute_grad:
@@ -237,8 +270,9 @@ def linear_cross_entropy(
 
 @linear_cross_entropy.register_fake
 def _linear_cross_entropy_fake(hidden, weight, bias, target, ignore_index, label_smoothing, reduction,  # noqa: ANN001, ANN202
-                               chunk_size, logits_fp32, need_hidden_grad, need_weight_grad, impl):
+                               chunk_size, logits_fp32, need_hidden_grad, need_weight_grad, impl, logits=None):
     _check(hidden, weight, bias, target, label_smoothing, reduction, chunk_size)
+    _check_logits(logits, hidden, weight)
     loss = hidden.new_empty((), dtype=_loss_dtype(hidden.dtype, logits_fp32))
     grad_hidden = hidden.new_empty(tuple(hidden.shape)) if need_hidden_grad else hidden.new_empty(0)
     grad_weight = weight.new_empty(tuple(weight.shape)) if need_weight_grad else weight.new_empty(0)
@@ -266,7 +300,8 @@ def _backward(ctx, grad_loss, grad_h, grad_w, grad_b):  # noqa: ANN001, ANN202
                                f"need_{name}_grad=False")
         else:
             results.append(grad * grad_loss.to(grad.dtype))
-    return (*results, None, None, None, None, None, None, None, None, None)
+    # no gradient for the given logits: the returned ones have their own path through the Linear
+    return (*results, None, None, None, None, None, None, None, None, None, None)
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

@@ -78,11 +78,14 @@ def _cross_entropy_chunk_kernel(
     # Pass 2: the gradient, in place.
     if WRITE_GRAD:
         scale = tl.load(scale_ptr).to(tl.float32)
+        # exp(x - max) / sum rather than exp(x - lse): lse rounds at the logits' magnitude,
+        # which for large logits costs more precision than the division (torch's softmax order)
+        inv_sum = 1.0 / running_sum
         for start in range(0, n_cols, BLOCK_V):
             offsets = start + cols
             mask = offsets < n_cols
             x = tl.load(row_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse)
+            grad = tl.exp(x - running_max) * inv_sum
             if HAS_SMOOTHING:
                 grad = grad - label_smoothing / n_cols
             grad = tl.where(offsets == target, grad - (1.0 - label_smoothing), grad)

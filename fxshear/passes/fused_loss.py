@@ -8,7 +8,10 @@ backward), so no chunk's logits outlive the chunk.
 
 Matched: ``cross_entropy(view/reshape/float/to(logits), target)`` where ``logits = linear(h, W, b)``
 and every step keeps the vocabulary as the last dimension.  When the logits are also used
-elsewhere (returned to the caller) they are still computed for that use, but not saved.
+elsewhere (returned to the caller) they are still computed for that use and the op reads its
+chunks from them instead of recomputing them, but they are not saved; the head becomes
+``fxshear::returned_linear``, whose backward skips its matmuls when nobody backpropagates
+through the returned logits (AOTAutograd then passes zeros).
 """
 
 from __future__ import annotations
@@ -55,13 +58,27 @@ class FusedLossPass:
             hidden_value, weight_value = tensor_value(hidden), tensor_value(weight)
             # Rows per chunk depend on the vocabulary only (the token count may be dynamic).
             chunk = default_chunk_size(weight_value.shape[0], logits_fp32, hidden_value.dtype)
+            if extra_users:
+                # The returned logits stay a differentiable output; usually nobody backpropagates
+                # through them and AOTAutograd feeds their backward zeros.  returned_linear skips
+                # its matmuls for an all-zero gradient (and is F.linear's backward otherwise).
+                with graph.inserting_before(linear):
+                    head = call(graph, torch.ops.fxshear.returned_linear.default, (hidden, weight, bias),
+                                like=linear, pass_name=self.name)
+                linear.replace_all_uses_with(head)
+                graph.erase_node(linear)
+                linear = head
             with graph.inserting_before(node):
                 rows = call(graph, torch.reshape, (hidden, (-1, hidden_value.shape[-1])),
                             like=linear, pass_name=self.name)
+                # Returned logits are computed anyway: the op copies its chunks from them rather
+                # than repeating the vocabulary matmul (it still saves none of them).
+                given_logits = (call(graph, torch.reshape, (linear, (-1, weight_value.shape[0])),
+                                     like=linear, pass_name=self.name) if extra_users else None)
                 fused = call(graph, torch.ops.fxshear.linear_cross_entropy.default,
                              (rows, weight, bias, target, int(ignore_index), smoothing, reduction,
                               chunk, logits_fp32,
-                              requires_grad(hidden), requires_grad(weight), cfg.kernels),
+                              requires_grad(hidden), requires_grad(weight), cfg.kernels, given_logits),
                              like=node, pass_name=self.name)
             loss = outputs(graph, fused, 4, like=node, pass_name=self.name)[0]
             node.replace_all_uses_with(loss)
@@ -70,7 +87,8 @@ class FusedLossPass:
             for dead in chain:
                 if not dead.users:
                     graph.erase_node(dead)
-            note = "; the logits are still computed for their other use, but not saved" if extra_users else ""
+            note = ("; the logits are still computed for their other use (and read from there), but not saved"
+                    if extra_users else "")
             report.rewritten.append(f"{node.name} (vocab {weight_value.shape[0]}, {reduction}){note}")
         graph.lint()
         gm.recompile()
@@ -83,7 +101,7 @@ class FusedLossPass:
         current = argument(node, 0, "input")
         while isinstance(current, torch.fx.Node):
             chain.append(current)
-            if linear_parts(current) is not None:
+            if linear_parts(current) is not None or current.target is torch.ops.fxshear.returned_linear.default:
                 break
             current = current.args[0] if current.args else None
         return chain
