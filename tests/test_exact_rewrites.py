@@ -117,6 +117,21 @@ def test_memory_budget_is_read_against_plain_inductor() -> None:
     assert saved["exact", 0.5] <= saved["exact", None]
 
 
+def test_a_tight_budget_never_recomputes_a_dropout_draw() -> None:
+    """At budget 0.1 the knapsack would recompute fxshear's dropout draws in the backward (a new
+    mask, a wrong gradient, a moved generator) unless they are pinned; none may appear there."""
+    example = build_model("minilm", dropout=True)
+    batch = example.make_batch(8, 128, seed=1)
+    backend = analysis_backend("exact", memory_budget=0.1)
+    torch.compile(example.model, backend=backend)(**batch).backward()
+    region = backend.regions[-1]
+    assert region.effective_budget is not None and region.effective_budget < 0.5
+    forward, backward = region.graphs["forward"], region.graphs["backward"]
+    assert "fxshear.dropout_bits.default" in forward
+    for op in ("fxshear.dropout_bits.default", "fxshear.attention.default"):
+        assert op not in backward
+
+
 def test_each_pass_reports_what_it_left_alone() -> None:
     example = build_model("minilm", dropout=True)
     backend = analysis_backend()

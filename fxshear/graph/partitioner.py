@@ -90,7 +90,12 @@ def rescaled_budget(budget: float, reference: SavedSizes, own: SavedSizes) -> fl
     if span <= 0:
         return budget
     fraction = (reference.saved - own.inputs) / span
-    return min(1.0, max(fraction, 1e-6))
+    return min(1.0, max(fraction, MIN_FRACTION))
+
+
+# Trial partitions after the first two: each halves the interval of candidate fractions.
+BISECTION_STEPS = 6
+MIN_FRACTION = 1e-6
 
 
 class ShearPartitioner(CustomPartitionerFn):
@@ -101,7 +106,7 @@ class ShearPartitioner(CustomPartitionerFn):
     inputs and its runtime-optimal saved set; after fxshear's rewrites that set is smaller, so
     the same fraction would be a tighter byte target than plain torch.compile gets, bought with
     more recompute.  With a reference, budget ``b`` means "save no more than torch.compile saves
-    at ``b``", and the fraction passed on is rescaled to this graph's range to say exactly that.
+    at ``b``", and the fraction passed on is the largest one of this graph's range that does.
     """
 
     def __init__(self, cfg: ShearConfig, reference: SavedSizes | None = None) -> None:
@@ -109,14 +114,43 @@ class ShearPartitioner(CustomPartitionerFn):
         self.reference = reference
         self.effective_budget: float | None = cfg.memory_budget
 
+    def _trial(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any],
+               fraction: float) -> SavedSizes:
+        """What the min-cut saves at ``fraction``, on a copy of the joint graph."""
+        trial = copy_joint(gm)
+        pin_random_ops(trial)
+        with activation_memory_budget(fraction):
+            forward, _ = min_cut_rematerialization_partition(trial, joint_inputs, **kwargs)
+        return saved_sizes(forward, int(kwargs["num_fwd_outputs"]))
+
     def _budget(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any]) -> float | None:
+        """The largest fraction at which this graph saves no more than the reference.
+
+        The saved bytes are a step function of the fraction (the partitioner first tries a few
+        fixed recompute heuristics and returns the first one under the limit, and only then runs
+        its knapsack), so a linear rescale of the range can land far below the reference, paying
+        for bytes nobody asked to free with recompute.  A short bisection over trial partitions
+        finds the least recompute that still meets the reference.
+        """
         budget = self.cfg.memory_budget
         if budget is None or not 0.0 < budget < 1.0 or self.reference is None:
             return budget
-        trial = copy_joint(gm)
-        with activation_memory_budget(1.0):
-            forward, _ = min_cut_rematerialization_partition(trial, joint_inputs, **kwargs)
-        return rescaled_budget(budget, self.reference, saved_sizes(forward, int(kwargs["num_fwd_outputs"])))
+        target = self.reference.saved
+        full = self._trial(gm, joint_inputs, kwargs, 1.0)
+        if full.saved <= target:
+            return 1.0
+        estimate = rescaled_budget(budget, self.reference, full)
+        if self._trial(gm, joint_inputs, kwargs, estimate).saved <= target:
+            low, high = estimate, 1.0
+        else:
+            low, high = MIN_FRACTION, estimate
+        for _ in range(BISECTION_STEPS):
+            middle = (low + high) / 2
+            if self._trial(gm, joint_inputs, kwargs, middle).saved <= target:
+                low = middle
+            else:
+                high = middle
+        return low
 
     def __call__(
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -124,6 +158,7 @@ class ShearPartitioner(CustomPartitionerFn):
         recorder = current_recorder.get()
         # The partitioner consumes the joint graph; render it first.
         joint_text = readable_graph(gm) if recorder is not None else ""
+        pin_random_ops(gm)
         self.effective_budget = self._budget(gm, joint_inputs, kwargs)
         with activation_memory_budget(self.effective_budget):
             forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
@@ -143,6 +178,28 @@ class ShearPartitioner(CustomPartitionerFn):
     def uuid(self) -> bytes:
         extra = f"{self.cfg.to_json()}|reference={self.reference}|torch={torch.__version__}"
         return get_hash_for_files(fxshear_source_files(), extra=extra)
+
+
+def pin_random_ops(gm: torch.fx.GraphModule) -> int:
+    """Mark fxshear's random ops MUST_SAVE so no partition ever recomputes them.
+
+    Why: recomputing a dropout draw in the backward draws a *new* mask (and moves the
+    generator), so the gradient would belong to a different mask than the forward used.  Under a
+    memory budget the partitioner's knapsack may choose to recompute any banned node except
+    those marked MUST_SAVE, and in its aggressive modes custom ops are not banned at all.  On a
+    multi-output op the mark bans recomputation only; the cut still saves just the outputs the
+    backward reads (the 1-bit mask), never the tuple.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    pinned = 0
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+                and target.namespace == "fxshear" and torch.Tag.nondeterministic_seeded in target.tags:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            pinned += 1
+    return pinned
 
 
 def copy_joint(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
