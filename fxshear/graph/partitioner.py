@@ -118,7 +118,7 @@ class ShearPartitioner(CustomPartitionerFn):
                fraction: float) -> SavedSizes:
         """What the min-cut saves at ``fraction``, on a copy of the joint graph."""
         trial = copy_joint(gm)
-        pin_random_ops(trial)
+        pin_ops(trial)
         with activation_memory_budget(fraction):
             forward, _ = min_cut_rematerialization_partition(trial, joint_inputs, **kwargs)
         return saved_sizes(forward, int(kwargs["num_fwd_outputs"]))
@@ -158,7 +158,7 @@ class ShearPartitioner(CustomPartitionerFn):
         recorder = current_recorder.get()
         # The partitioner consumes the joint graph; render it first.
         joint_text = readable_graph(gm) if recorder is not None else ""
-        pin_random_ops(gm)
+        pin_ops(gm)
         self.effective_budget = self._budget(gm, joint_inputs, kwargs)
         with activation_memory_budget(self.effective_budget):
             forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
@@ -180,23 +180,33 @@ class ShearPartitioner(CustomPartitionerFn):
         return get_hash_for_files(fxshear_source_files(), extra=extra)
 
 
-def pin_random_ops(gm: torch.fx.GraphModule) -> int:
-    """Mark fxshear's random ops MUST_SAVE so no partition ever recomputes them.
+def _never_recomputed(target: object) -> bool:
+    """fxshear ops no partition may move into the backward.
 
-    Why: recomputing a dropout draw in the backward draws a *new* mask (and moves the
-    generator), so the gradient would belong to a different mask than the forward used.  Under a
-    memory budget the partitioner's knapsack may choose to recompute any banned node except
-    those marked MUST_SAVE, and in its aggressive modes custom ops are not banned at all.  On a
-    multi-output op the mark bans recomputation only; the cut still saves just the outputs the
-    backward reads (the 1-bit mask), never the tuple.
+    Random ops: recomputing a dropout draw in the backward draws a *new* mask (and moves the
+    generator), so the gradient would belong to a different mask than the forward used.
+    ``linear_cross_entropy``: its recompute repeats the three vocabulary matmuls of the whole
+    loss, a cost the partitioner's estimate of a custom op does not see.
+    """
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "fxshear":
+        return False
+    return (torch.Tag.nondeterministic_seeded in target.tags
+            or target is torch.ops.fxshear.linear_cross_entropy.default)
+
+
+def pin_ops(gm: torch.fx.GraphModule) -> int:
+    """Mark the ops of :func:`_never_recomputed` MUST_SAVE; returns how many were marked.
+
+    Under a memory budget the partitioner's knapsack may choose to recompute any banned node
+    except those marked MUST_SAVE, and in its aggressive modes custom ops are not banned at all.
+    On a multi-output op the mark bans recomputation: what the backward then needs downstream
+    of the op's outputs is saved rather than rebuilt from a fresh call.
     """
     from torch.utils.checkpoint import CheckpointPolicy
 
     pinned = 0
     for node in gm.graph.nodes:
-        target = node.target
-        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
-                and target.namespace == "fxshear" and torch.Tag.nondeterministic_seeded in target.tags:
+        if node.op == "call_function" and _never_recomputed(node.target):
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             pinned += 1
     return pinned
