@@ -69,18 +69,23 @@ class SavedSizes:
 
     ``saved``: every tensor the partition saves, inputs (parameters) included; ``inputs``: every
     forward input (what budget 0 would save).  A budget ``b`` lets the knapsack save at most
-    ``inputs + b * (saved_at_1 - inputs)``.
+    ``inputs + b * (saved_at_1 - inputs)``.  ``activations``: the saved tensors that are not
+    forward inputs, i.e. the memory a partition adds (a saved parameter exists anyway); budgets
+    are compared in these bytes.
     """
 
     saved: int
     inputs: int
+    activations: int = 0
 
 
 def saved_sizes(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> SavedSizes:
     output = next(n for n in reversed(forward.graph.nodes) if n.op == "output")
-    saved = sum(_bytes(n) for n in output.args[0][num_fwd_outputs:])
+    saved_nodes = output.args[0][num_fwd_outputs:]
+    saved = sum(_bytes(n) for n in saved_nodes)
+    activations = sum(_bytes(n) for n in saved_nodes if isinstance(n, torch.fx.Node) and n.op != "placeholder")
     inputs = sum(_bytes(n) for n in forward.graph.nodes if n.op == "placeholder")
-    return SavedSizes(saved=saved, inputs=inputs)
+    return SavedSizes(saved=saved, inputs=inputs, activations=activations)
 
 
 def rescaled_budget(budget: float, reference: SavedSizes, own: SavedSizes) -> float:
@@ -135,18 +140,18 @@ class ShearPartitioner(CustomPartitionerFn):
         budget = self.cfg.memory_budget
         if budget is None or not 0.0 < budget < 1.0 or self.reference is None:
             return budget
-        target = self.reference.saved
+        target = self.reference.activations
         full = self._trial(gm, joint_inputs, kwargs, 1.0)
-        if full.saved <= target:
+        if full.activations <= target:
             return 1.0
         estimate = rescaled_budget(budget, self.reference, full)
-        if self._trial(gm, joint_inputs, kwargs, estimate).saved <= target:
+        if self._trial(gm, joint_inputs, kwargs, estimate).activations <= target:
             low, high = estimate, 1.0
         else:
             low, high = MIN_FRACTION, estimate
         for _ in range(BISECTION_STEPS):
             middle = (low + high) / 2
-            if self._trial(gm, joint_inputs, kwargs, middle).saved <= target:
+            if self._trial(gm, joint_inputs, kwargs, middle).activations <= target:
                 low = middle
             else:
                 high = middle
