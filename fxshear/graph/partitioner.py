@@ -81,11 +81,23 @@ class SavedSizes:
 
 def saved_sizes(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> SavedSizes:
     output = next(n for n in reversed(forward.graph.nodes) if n.op == "output")
-    saved_nodes = output.args[0][num_fwd_outputs:]
+    from torch._inductor.fx_utils import get_node_storage
+
+    saved_nodes = [n for n in output.args[0][num_fwd_outputs:] if isinstance(n, torch.fx.Node)]
+    placeholders = [n for n in forward.graph.nodes if n.op == "placeholder"]
     saved = sum(_bytes(n) for n in saved_nodes)
-    activations = sum(_bytes(n) for n in saved_nodes if isinstance(n, torch.fx.Node) and n.op != "placeholder")
-    inputs = sum(_bytes(n) for n in forward.graph.nodes if n.op == "placeholder")
-    return SavedSizes(saved=saved, inputs=inputs, activations=activations)
+    inputs = sum(_bytes(n) for n in placeholders)
+    # Activations: saved storages that are not an input's (a saved view of a weight is free),
+    # each storage once, as the ledger counts them.
+    input_storages = {get_node_storage(n) for n in placeholders} - {None}
+    per_storage: dict[object, int] = {}
+    for node in saved_nodes:
+        storage = get_node_storage(node)
+        if storage is not None and storage in input_storages:
+            continue
+        key = storage if storage is not None else id(node)
+        per_storage[key] = max(per_storage.get(key, 0), _bytes(node))
+    return SavedSizes(saved=saved, inputs=inputs, activations=sum(per_storage.values()))
 
 
 def rescaled_budget(budget: float, reference: SavedSizes, own: SavedSizes) -> float:
