@@ -77,12 +77,13 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits  # noqa: F401  (re-exported)
 from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
 from .lowering import register_cpu_lowering
 
 KINDS = ("gelu", "silu")
 GELU_APPROXIMATIONS = ("none", "tanh")
-FLAGS_PER_BYTE = 8
+FLAGS_PER_BYTE = BITS_PER_BYTE
 TRITON_MODULE = "act_from_output_triton"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -212,11 +213,6 @@ def inversion(kind: str, approximate: str) -> Inversion:
     return INVERSIONS[(kind, approximate)]
 
 
-def packed_numel(numel: int) -> int:
-    """Bytes needed for ``numel`` 1-bit flags."""
-    return (numel + FLAGS_PER_BYTE - 1) // FLAGS_PER_BYTE
-
-
 def bucket_half_width(dtype: torch.dtype, y_min: float) -> float:
     """Half an ulp of ``dtype`` in the binade of ``y_min``: how far a stored y near the minimum
     can be from the f(x) it was rounded from.  Constant over the near region (see the tests)."""
@@ -240,25 +236,6 @@ def activation_reference(x: torch.Tensor, kind: str, approximate: str = "none") 
 def right_branch(x: torch.Tensor, kind: str, approximate: str = "none") -> torch.Tensor:
     """bool, True where ``x >= x_min`` compared in fp32 (NaN: False)."""
     return x.float() >= inversion(kind, approximate).x_min
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack 0/1 values 8 to a byte, little-endian: element ``8i + j`` is bit ``j`` of byte ``i``."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % FLAGS_PER_BYTE
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    lanes = flat.view(-1, FLAGS_PER_BYTE)
-    packed = lanes[:, 0]
-    for j in range(1, FLAGS_PER_BYTE):
-        packed = packed | (lanes[:, j] << j)
-    return packed
-
-
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` flags as bool."""
-    shifts = torch.arange(FLAGS_PER_BYTE, dtype=torch.uint8, device=packed.device)
-    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
 
 
 def forward_reference(

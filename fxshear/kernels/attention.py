@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import torch
 
+from .bits import BITS_PER_BYTE, pack_bits, packed_numel  # noqa: F401  (re-exported)
+from .bits import unpack_bits as unpack_flat
 from .dispatch import use_triton
 from .dropout_bits import dropout_reference, fused_path, noise_value
 from .lowering import register_cpu_lowering
 
 TRITON_MAX_HEAD_DIM = 128
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BITS_PER_BYTE = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,35 +61,15 @@ BITS_PER_BYTE = 8
 # ---------------------------------------------------------------------------------------------
 
 
-def packed_bits_numel(numel: int) -> int:
-    """Bytes needed for ``numel`` 1-bit flags."""
-    return (numel + BITS_PER_BYTE - 1) // BITS_PER_BYTE
-
-
-def pack_bits(keep: torch.Tensor) -> torch.Tensor:
-    """Pack a bool (or 0/1) tensor 8 to a byte in logical (row-major) order, little-endian.
-
-    Element ``i`` lands in bit ``i % 8`` of byte ``i // 8``; the pad bits of the last byte are 0.
-    """
-    flat = keep.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % BITS_PER_BYTE
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    lanes = flat.view(-1, BITS_PER_BYTE)
-    packed = lanes[:, 0]
-    for bit in range(1, BITS_PER_BYTE):
-        packed = packed | (lanes[:, bit] << bit)
-    return packed
+packed_bits_numel = packed_numel
 
 
 def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a bool tensor of ``shape`` (traceable aten math)."""
+    """The flags of :func:`pack_bits` as a bool tensor of ``shape`` (traceable aten math)."""
     numel = 1
     for size in shape:
         numel = numel * size
-    shifts = torch.arange(BITS_PER_BYTE, dtype=torch.uint8, device=bits.device)
-    flags = (bits.unsqueeze(-1) >> shifts) & 1
-    return flags.reshape(-1)[:numel].view(shape).bool()
+    return unpack_flat(bits, numel).view(shape)
 
 
 # ---------------------------------------------------------------------------------------------

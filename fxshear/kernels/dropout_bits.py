@@ -37,35 +37,9 @@ import struct
 
 import torch
 
+from .bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits  # noqa: F401  (re-exported)
 from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
 from .lowering import register_cpu_lowering
-
-BITS_PER_BYTE = 8
-
-
-def packed_numel(numel: int) -> int:
-    """Bytes needed for ``numel`` mask bits."""
-    return (numel + BITS_PER_BYTE - 1) // BITS_PER_BYTE
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool (or 0/1) tensor 8 elements to a byte, little-endian, pad bits 0 (traceable)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % BITS_PER_BYTE
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    lanes = flat.view(-1, BITS_PER_BYTE)
-    packed = lanes[:, 0]
-    for lane in range(1, BITS_PER_BYTE):
-        packed = packed | (lanes[:, lane] << lane)
-    return packed
-
-
-def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first ``numel`` bits of ``bits`` as a flat bool tensor (traceable)."""
-    shifts = torch.arange(BITS_PER_BYTE, dtype=torch.uint8, device=bits.device)
-    return ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].to(torch.bool)
-
 
 def _check_p(p: float) -> None:
     if not 0.0 <= p <= 1.0:

@@ -1,0 +1,37 @@
+"""1-bit flags packed 8 to a byte: the layout every fxshear op that keeps a mask shares.
+
+Element ``i`` of a tensor in row-major (logical) order is bit ``i % 8`` of byte ``i // 8``
+(little-endian); the pad bits of the last byte are 0.  The functions are traceable aten math,
+so the CPU lowerings inline them and Inductor fuses them; the Triton kernels write and read the
+same layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS_PER_BYTE = 8
+
+
+def packed_numel(numel: int) -> int:
+    """Bytes needed for ``numel`` flags."""
+    return (numel + BITS_PER_BYTE - 1) // BITS_PER_BYTE
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """A bool (or 0/1) tensor of any shape as ``uint8[packed_numel(numel)]``."""
+    flat = flags.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % BITS_PER_BYTE
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    lanes = flat.view(-1, BITS_PER_BYTE)
+    packed = lanes[:, 0]
+    for lane in range(1, BITS_PER_BYTE):
+        packed = packed | (lanes[:, lane] << lane)
+    return packed
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` flags of ``packed`` as a flat bool tensor."""
+    shifts = torch.arange(BITS_PER_BYTE, dtype=torch.uint8, device=packed.device)
+    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].to(torch.bool)
