@@ -80,9 +80,9 @@ class SavedSizes:
 
 
 def saved_sizes(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> SavedSizes:
-    output = next(n for n in reversed(forward.graph.nodes) if n.op == "output")
     from torch._inductor.fx_utils import get_node_storage
 
+    output = next(n for n in reversed(forward.graph.nodes) if n.op == "output")
     saved_nodes = [n for n in output.args[0][num_fwd_outputs:] if isinstance(n, torch.fx.Node)]
     placeholders = [n for n in forward.graph.nodes if n.op == "placeholder"]
     saved = sum(_bytes(n) for n in saved_nodes)
@@ -133,11 +133,9 @@ class ShearPartitioner(CustomPartitionerFn):
 
     def _trial(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any],
                fraction: float) -> SavedSizes:
-        """What the min-cut saves at ``fraction``, on a copy of the joint graph."""
-        trial = copy_joint(gm)
-        pin_ops(trial)
+        """What the min-cut saves at ``fraction``, on a copy of the (already pinned) joint graph."""
         with activation_memory_budget(fraction):
-            forward, _ = min_cut_rematerialization_partition(trial, joint_inputs, **kwargs)
+            forward, _ = min_cut_rematerialization_partition(copy_joint(gm), joint_inputs, **kwargs)
         return saved_sizes(forward, int(kwargs["num_fwd_outputs"]))
 
     def _budget(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any]) -> float | None:
