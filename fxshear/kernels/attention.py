@@ -177,12 +177,19 @@ def attention_reference(
     mask: torch.Tensor | None,
     scale: float,
     dropout_p: float,
+    draw_with_op: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward as torch math.  Draws the dropout mask from the global RNG when p > 0."""
+    """The forward as torch math.  Draws the dropout mask from the global RNG when p > 0.
+
+    ``draw_with_op``: draw through the opaque ``fxshear::dropout_bits`` (the same calls, kept a
+    leaf under make_fx) so that tracing this function for Inductor leaves no RNG op inlined.
+    """
     scores = attention_scores(q, k, mask, scale)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     lse = torch.logsumexp(scores, dim=-1)
-    if dropout_p > 0:
+    if dropout_p > 0 and draw_with_op:
+        probs, bits = torch.ops.fxshear.dropout_bits.default(probs, dropout_p, "torch")
+    elif dropout_p > 0:
         # The aten calls eager F.dropout makes on this device, on a probabilities tensor of the
         # eager shape and dtype: same RNG draws, same mask, same output bits.
         probs, keep = dropout_reference(probs, dropout_p)
@@ -390,14 +397,7 @@ def _lower_attention(
     bit layout is the one this op promises (row-major, little-endian), so the backward is
     unchanged.
     """
-    if dropout_p <= 0:
-        return attention_reference(q, k, v, mask, scale, 0.0)
-    scores = attention_scores(q, k, mask, scale)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    lse = torch.logsumexp(scores, dim=-1)
-    dropped, bits = torch.ops.fxshear.dropout_bits.default(probs, dropout_p, "torch")
-    out = torch.matmul(dropped, v).contiguous()
-    return out, lse.contiguous(), bits
+    return attention_reference(q, k, v, mask, scale, dropout_p, draw_with_op=True)
 
 
 @register_cpu_lowering(torch.ops.fxshear.attention_backward.default)

@@ -236,21 +236,20 @@ def linear_cross_entropy(
     else:
         step = cross_entropy_chunk_reference
     target = target.to(torch.int64).contiguous()
-    given_logits = logits
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h_chunk = hidden[start:end]
-        if given_logits is not None:  # a private copy: the step overwrites its buffer
-            logits = given_logits[start:end].to(math_dtype if logits_fp32 else hidden.dtype, copy=True)
+        if logits is not None:  # a private copy: the step overwrites its buffer
+            buffer = logits[start:end].to(math_dtype if logits_fp32 else hidden.dtype, copy=True)
         else:
-            logits = F.linear(h_chunk, weight, bias)
+            buffer = F.linear(h_chunk, weight, bias)
             if logits_fp32:
-                logits = logits.to(math_dtype)
-        step(logits, target[start:end], row_loss[start:end], scale, ignore_index, label_smoothing,
+                buffer = buffer.to(math_dtype)
+        step(buffer, target[start:end], row_loss[start:end], scale, ignore_index, label_smoothing,
              compute_grad)
         if not compute_grad:
             continue
-        dlogits = logits  # now dloss/dlogits, already scaled by the reduction
+        dlogits = buffer  # now dloss/dlogits, already scaled by the reduction
         dlogits_low = dlogits.to(hidden.dtype)
         if need_hidden_grad:
             torch.mm(dlogits_low, weight, out=grad_hidden[start:end])
@@ -259,7 +258,7 @@ def linear_cross_entropy(
             _accumulate_mm(weight_acc, a.t(), h_chunk)
         if bias_acc is not None:
             bias_acc.add_(dlogits.sum(dim=0, dtype=math_dtype))
-        del logits, dlogits, dlogits_low
+        del buffer, dlogits, dlogits_low
 
     total = row_loss.sum()
     loss = (total / count if reduction == "mean" else total).to(_loss_dtype(hidden.dtype, logits_fp32))
