@@ -572,6 +572,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-of", default=None, metavar="CONFIG",
                         help="internal: measure one configuration's step peak RSS in this process "
                         "and print it as JSON")
+    parser.add_argument("--configs", default=None, metavar="NAMES",
+                        help="comma-separated subset of the rows to run (default: all): "
+                        + ", ".join(c.name for c in CONFIGS))
     parser.add_argument("--no-peaks", action="store_true",
                         help="skip the per-row fresh-process peak memory runs")
     parser.add_argument("--warm-cache", action="store_true",
@@ -582,6 +585,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in FULL_MODELS]
     if unknown or not args.models:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(FULL_MODELS)}")
+    args.configs = [c for c in CONFIGS if args.configs is None
+                    or c.name in {n.strip() for n in args.configs.split(",")}]
+    if not args.configs:
+        parser.error("--configs: no row of that name")
     if args.steps is None:
         args.steps = 2 if args.quick else 6
     if args.steps < 1:
@@ -600,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Every row of a model keeps its own compiled graph of the same forward: allow them all.
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(CONFIGS)))
+    configs = args.configs
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(configs)))
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and pipes: do not squeeze the tables to 80 columns
@@ -614,18 +622,19 @@ def main(argv: list[str] | None = None) -> int:
         TimeElapsedColumn(), console=console,
     ) as progress:
         results["inductor_cache"] = "warm: " + cache_dir if args.warm_cache else "fresh (cold)"
-        overall = progress.add_task("all configurations", total=len(specs) * len(CONFIGS))
+        overall = progress.add_task("all configurations", total=len(specs) * len(configs))
         for key, spec in zip(args.models, specs):
-            all_rows[spec.label] = run_model(spec, CONFIGS, args.steps, progress, overall)
+            all_rows[spec.label] = run_model(spec, configs, args.steps, progress, overall)
             if not args.no_peaks:
-                peaks = fresh_process_peaks(key, args.quick, CONFIGS, progress)
+                peaks = fresh_process_peaks(key, args.quick, configs, progress)
                 for row in all_rows[spec.label]:
                     for name, value in peaks.get(row.config, {}).items():
                         setattr(row, name, value)
     results["wall_s"] = time.perf_counter() - start
     results["command"] = "python benchmarks/saved_memory.py " + " ".join(
         (["--quick"] if args.quick else []) + [f"--models {','.join(args.models)}",
-                                               f"--steps {args.steps}"])
+                                               f"--steps {args.steps}"]
+        + ([f"--configs '{','.join(c.name for c in configs)}'"] if len(configs) < len(CONFIGS) else []))
     results["models"] = {label: [asdict(r) for r in rows] for label, rows in all_rows.items()}
 
     for label, rows in all_rows.items():
