@@ -16,6 +16,7 @@ from fxshear.kernels.attention import (
     _lower_attention_backward,
     attention,
     attention_backward,
+    attention_dropout_draw,
     pack_bits,
     packed_bits_numel,
     recompute_attention,
@@ -36,6 +37,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def draw_and_attend(q, k, v, mask, scale, p, impl="torch"):  # noqa: ANN001, ANN201
+    """``(out, lse, bits)``: the draw (when p > 0) and the attention, as the pass emits them."""
+    bits = attention_dropout_draw(q, k, p, impl) if p > 0 else None
+    out, lse = attention(q, k, v, mask, bits, scale, p, impl)
+    return out, lse, bits
 
 
 def eager_attention(q, k, v, mask, scale, p, fp32_softmax):  # noqa: ANN001, ANN201
@@ -163,7 +171,7 @@ def test_dropout_bits_are_the_eager_mask_and_rng_is_consumed_identically(dtype) 
     q, k, v = (torch.randn(batch, heads, s, dim).to(dtype) for s in (sq, sk, sk))
     p = 0.3
     torch.manual_seed(11)
-    _, _, bits = attention(q, k, v, None, 0.5, p, "torch")
+    _, _, bits = draw_and_attend(q, k, v, None, 0.5, p)
     after_op = torch.rand(3)
     keep = eager_keep_mask((batch, heads, sq, sk), dtype, p, seed=11)
     after_eager = torch.rand(3)
@@ -173,14 +181,13 @@ def test_dropout_bits_are_the_eager_mask_and_rng_is_consumed_identically(dtype) 
     assert bits[-1].item() >> (keep.numel() % 8) == 0  # pad bits are zero
 
 
-def test_no_dropout_uses_no_rng_and_returns_empty_bits() -> None:
+def test_no_dropout_uses_no_rng_and_takes_no_bits() -> None:
     q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
     torch.manual_seed(5)
-    _, lse, bits = attention(q, k, v, None, 0.5, 0.0, "torch")
+    _, lse = attention(q, k, v, None, None, 0.5, 0.0, "torch")
     after_op = torch.rand(4)
     torch.manual_seed(5)
     assert torch.equal(after_op, torch.rand(4))
-    assert bits.dtype == torch.uint8 and bits.shape == (0,)
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 6)
     torch.testing.assert_close(lse, torch.logsumexp((q @ k.transpose(-1, -2)) * 0.5, -1))
 
@@ -256,19 +263,27 @@ def test_nothing_of_size_q_by_k_is_saved_for_backward() -> None:
 def test_bad_arguments_are_clear() -> None:
     q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
     with pytest.raises(ValueError, match="impl must be one of"):
-        attention(q, k, v, None, 1.0, 0.0, "cuda")
+        attention(q, k, v, None, None, 1.0, 0.0, "cuda")
     with pytest.raises(ValueError, match="dropout_p"):
-        attention(q, k, v, None, 1.0, 1.5, "torch")
+        attention(q, k, v, None, None, 1.0, 1.5, "torch")
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention_dropout_draw(q, k, 0.0, "torch")
     with pytest.raises(ValueError, match="does not broadcast"):
-        attention(q, k, v, torch.zeros(1, 2, 5, 4), 1.0, 0.0, "torch")
+        attention(q, k, v, torch.zeros(1, 2, 5, 4), None, 1.0, 0.0, "torch")
     with pytest.raises(ValueError, match="float mask"):
-        attention(q, k, v, torch.zeros(4, 4, dtype=torch.bool), 1.0, 0.0, "torch")
+        attention(q, k, v, torch.zeros(4, 4, dtype=torch.bool), None, 1.0, 0.0, "torch")
     with pytest.raises(ValueError, match="head dims"):
-        attention(q, k[..., :4], v, None, 1.0, 0.0, "torch")
+        attention(q, k[..., :4], v, None, None, 1.0, 0.0, "torch")
     with pytest.raises(ValueError, match="same rank"):
-        attention(q, k[0], v, None, 1.0, 0.0, "torch")
+        attention(q, k[0], v, None, None, 1.0, 0.0, "torch")
+    with pytest.raises(ValueError, match="bits must be"):
+        attention(q, k, v, None, None, 1.0, 0.5, "torch")
+    with pytest.raises(ValueError, match="bits must be"):
+        attention(q, k, v, None, torch.zeros(3, dtype=torch.uint8), 1.0, 0.5, "torch")
+    with pytest.raises(ValueError, match="bits must be None"):
+        attention(q, k, v, None, torch.zeros(4, dtype=torch.uint8), 1.0, 0.0, "torch")
     with pytest.raises(ValueError, match="does not differentiate its additive mask"):
-        attention(q.requires_grad_(), k, v, torch.zeros(4, 4, requires_grad=True), 1.0, 0.0, "torch")
+        attention(q.requires_grad_(), k, v, torch.zeros(4, 4, requires_grad=True), None, 1.0, 0.0, "torch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +297,14 @@ def test_opcheck(dtype) -> None:  # noqa: ANN001
     k = torch.randn(2, 3, 7, 4, dtype=dtype, requires_grad=True)
     v = torch.randn(2, 3, 7, 6, dtype=dtype, requires_grad=True)
     mask = torch.randn(2, 1, 1, 7)
-    torch.library.opcheck(attention, (q, k, v, mask, 0.5, 0.0, "torch"))
-    torch.library.opcheck(attention, (q, k, v, None, 0.5, 0.0, "torch"),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    # Dropout: random, so only the checks that do not compare two runs.
-    torch.library.opcheck(attention, (q, k, v, mask, 0.5, 0.2, "torch"),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    _, lse, bits = attention(q.detach(), k.detach(), v.detach(), mask, 0.5, 0.2, "torch")
+    torch.library.opcheck(attention, (q, k, v, mask, None, 0.5, 0.0, "torch"))
+    torch.library.opcheck(attention, (q, k, v, None, None, 0.5, 0.0, "torch"))
+    # The draw is random, so only the checks that do not compare two runs; the attention itself
+    # is deterministic given the bits.
+    torch.library.opcheck(attention_dropout_draw, (q, k, 0.2, "torch"), test_utils=("test_schema", "test_faketensor"))
+    bits = attention_dropout_draw(q, k, 0.2, "torch")
+    torch.library.opcheck(attention, (q, k, v, mask, bits, 0.5, 0.2, "torch"))
+    _, lse = attention(q.detach(), k.detach(), v.detach(), mask, bits, 0.5, 0.2, "torch")
     grad = torch.randn(2, 3, 5, 6, dtype=dtype)
     torch.library.opcheck(attention_backward, (grad, q.detach(), k.detach(), v.detach(), mask, lse, bits, 0.5, 0.2,
                                                "torch"))
@@ -352,25 +368,22 @@ def test_lowering_functions_trace_to_the_op(dtype, p) -> None:  # noqa: ANN001
     """make_fx of the lowering functions (aten math) computes exactly what the op computes."""
     q, k, v, mask = _lowering_inputs(dtype)
 
-    def forward(q, k, v, mask):  # noqa: ANN001, ANN202
-        return _lower_attention(q, k, v, mask, 0.5, p, "auto")
+    bits = attention_dropout_draw(q, k, p, "torch") if p > 0 else None
 
-    traced = make_fx(forward)(q, k, v, mask)
-    ops = {n.target for n in traced.graph.nodes if n.op == "call_function"}
-    assert torch.ops.fxshear.attention.default not in ops
-    # dropout: only the draw stays opaque, as eager's own dropout calls
-    assert (torch.ops.fxshear.dropout_bits.default in ops) == (p > 0)
-    assert torch.ops.aten.native_dropout.default not in ops
-    assert torch.ops.aten.bernoulli_.float not in ops
-    torch.manual_seed(1)
-    expected = attention(q, k, v, mask, 0.5, p, "torch")
-    torch.manual_seed(1)
-    actual = traced(q, k, v, mask)
+    def forward(q, k, v, mask, bits):  # noqa: ANN001, ANN202
+        return _lower_attention(q, k, v, mask, bits, 0.5, p, "auto")
+
+    traced = make_fx(forward)(q, k, v, mask, bits)
+    assert not any("fxshear" in str(n.target) for n in traced.graph.nodes)
+    assert not any(n.target in (torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli_.float)
+                   for n in traced.graph.nodes)  # nothing random is inlined
+    expected = attention(q, k, v, mask, bits, 0.5, p, "torch")
+    actual = traced(q, k, v, mask, bits)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
 
     grad = torch.randn(expected[0].shape).to(dtype)
-    saved = (q, k, v, mask, expected[1], expected[2])
+    saved = (q, k, v, mask, expected[1], bits)
 
     def backward(grad, q, k, v, mask, lse, bits):  # noqa: ANN001, ANN202
         return _lower_attention_backward(grad, q, k, v, mask, lse, bits, 0.5, p, "auto")
@@ -382,25 +395,26 @@ def test_lowering_functions_trace_to_the_op(dtype, p) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_lowering_pass_inlines_all_but_the_dropout_forward(p) -> None:  # noqa: ANN001
+def test_lowering_pass_inlines_all_but_the_dropout_draw(p) -> None:  # noqa: ANN001
     q, k, v, mask = _lowering_inputs()
 
     def forward(q, k, v, mask):  # noqa: ANN001, ANN202
-        return torch.ops.fxshear.attention.default(q, k, v, mask, 0.5, p, "auto")
+        return draw_and_attend(q, k, v, mask, 0.5, p, "auto")
 
     gm = make_fx(forward, tracing_mode="fake")(q, k, v, mask)
     LowerOpsOnCpu()(gm.graph)
     gm.graph.lint()
     gm.recompile()
-    remaining = [n for n in gm.graph.nodes if n.op == "call_function" and "fxshear" in str(n.target)]
-    assert len(remaining) == (1 if p > 0 else 0)
+    remaining = [n.target for n in gm.graph.nodes if n.op == "call_function" and "fxshear" in str(n.target)]
+    assert remaining == ([torch.ops.fxshear.attention_dropout_draw.default] if p > 0 else [])
     torch.manual_seed(2)
     expected = forward(q, k, v, mask)
     torch.manual_seed(2)
     actual = gm(q, k, v, mask)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual[:2], expected[:2]):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
-    assert torch.equal(actual[2], expected[2])
+    if p > 0:
+        assert torch.equal(actual[2], expected[2])
 
     grad = torch.randn(expected[0].shape)
     saved = (q, k, v, mask, expected[1], expected[2])
@@ -439,5 +453,5 @@ def test_inductor_with_the_lowering_matches_eager_with_dropout() -> None:
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     forward_code, backward_code = codes
     assert "torch.ops.fxshear.attention.default" not in forward_code
-    assert "torch.ops.fxshear.dropout_bits.default" in forward_code
+    assert "torch.ops.fxshear.attention_dropout_draw.default" in forward_code
     assert "fxshear" not in backward_code

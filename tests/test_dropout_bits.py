@@ -1,4 +1,4 @@
-"""fxshear::dropout_bits: eager-equal masks, outputs, gradients and RNG use; 1-bit packing; opcheck."""
+"""fxshear::dropout_draw + dropout_apply: eager-equal masks, outputs, gradients and RNG use; 1-bit packing; opcheck."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from fxshear.kernels.dropout_bits import (
     dropout,
     dropout_bits,
-    dropout_bits_backward,
-    fused_backward,
+    apply_math,
+    dropout_apply,
+    dropout_draw,
     noise_value,
     pack_bits,
     packed_numel,
@@ -113,7 +114,7 @@ def test_zero_and_one_probabilities() -> None:
     assert torch.equal(y, torch.zeros_like(x)) and bits.tolist() == [0, 0]
     assert torch.equal(torch.get_rng_state(), state)  # neither draws, as in eager
     grad = torch.randn(5, 3)
-    assert torch.equal(dropout_bits_backward(grad, bits, 1.0, "torch"), torch.zeros_like(grad))
+    assert torch.equal(dropout_apply(grad, bits, 1.0, "torch"), torch.zeros_like(grad))
 
 
 def test_empty_input() -> None:
@@ -171,10 +172,21 @@ def test_noise_value_is_eagers_noise() -> None:
             assert torch.equal(expected, torch.full_like(ones, noise_value(p, dtype))), (dtype, p)
 
 
-def test_only_the_backward_is_lowered() -> None:
+def test_only_the_application_is_lowered() -> None:
     ops = lowerable_ops()
-    assert torch.ops.fxshear.dropout_bits_backward.default in ops
-    assert torch.ops.fxshear.dropout_bits.default not in ops  # it draws random numbers
+    assert torch.ops.fxshear.dropout_apply.default in ops
+    assert torch.ops.fxshear.dropout_draw.default not in ops  # it draws random numbers
+    assert torch.Tag.nondeterministic_seeded in torch.ops.fxshear.dropout_draw.default.tags
+    assert torch.Tag.nondeterministic_seeded not in torch.ops.fxshear.dropout_apply.default.tags
+
+
+def test_apply_is_its_own_adjoint() -> None:
+    """The gradient of ``dropout_apply`` is a second application: eager's dropout gradient."""
+    x = torch.randn(7, 9, requires_grad=True)
+    bits = dropout_draw(x, 0.4, "torch")
+    grad = torch.randn(7, 9)
+    (dx,) = torch.autograd.grad(dropout_apply(x, bits, 0.4, "torch"), x, grad)
+    assert torch.equal(dx, dropout_apply(grad, bits, 0.4, "torch"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -182,26 +194,27 @@ def test_lowering_traced_equals_the_op(dtype: torch.dtype) -> None:
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from fxshear.kernels.dropout_bits import _lower_backward
+    from fxshear.kernels.dropout_bits import _lower_apply
 
     x = torch.randn(6, 11).to(dtype)
     grad = with_specials(torch.randn(6, 11).to(dtype))
     for p in PROBABILITIES + [0.99999]:
         _, bits = dropout_bits(x, p, "torch")
-        traced = make_fx(lambda g, b: _lower_backward(g, b, p, "torch"),  # noqa: B023
+        traced = make_fx(lambda g, b: _lower_apply(g, b, p, "torch"),  # noqa: B023
                          decomposition_table=select_decomp_table())(grad, bits)
-        expected = dropout_bits_backward(grad, bits, p, "torch")
+        expected = dropout_apply(grad, bits, p, "torch")
         assert_bitwise_equal(traced(grad, bits), expected)
-        assert_bitwise_equal(fused_backward(grad, bits, p), expected)
+        assert_bitwise_equal(apply_math(grad, bits, p), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(dtype: torch.dtype) -> None:
     for shape in [(3, 5), (2, 3, 9)]:
         x = torch.randn(shape, dtype=dtype, requires_grad=True)
-        torch.library.opcheck(dropout_bits, (x, 0.3, "torch"))
-        _, bits = dropout_bits(x.detach(), 0.3, "torch")
-        torch.library.opcheck(dropout_bits_backward, (torch.randn(shape, dtype=dtype), bits, 0.3, "torch"))
+        torch.library.opcheck(dropout_draw, (x, 0.3, "torch"), test_utils=("test_schema", "test_faketensor"))
+        bits = dropout_draw(x.detach(), 0.3, "torch")
+        torch.library.opcheck(dropout_apply, (x, bits, 0.3, "torch"))
+        torch.library.opcheck(dropout_apply, (torch.randn(shape, dtype=dtype), bits, 0.3, "torch"))
 
 
 def test_bad_arguments_are_clear() -> None:
@@ -211,9 +224,9 @@ def test_bad_arguments_are_clear() -> None:
     with pytest.raises(ValueError, match="impl must be one of"):
         dropout_bits(x, 0.5, "cuda")
     with pytest.raises(ValueError, match="bits must be"):
-        dropout_bits_backward(x, torch.zeros(1, dtype=torch.uint8), 0.5, "torch")
+        dropout_apply(x, torch.zeros(1, dtype=torch.uint8), 0.5, "torch")
     with pytest.raises(ValueError, match="bits must be"):
-        dropout_bits_backward(x, torch.zeros(2, dtype=torch.int8), 0.5, "torch")
+        dropout_apply(x, torch.zeros(2, dtype=torch.int8), 0.5, "torch")
 
 
 @pytest.mark.gpu
@@ -236,4 +249,5 @@ def test_cuda_is_eager_bitwise(dtype: torch.dtype, impl: str) -> None:
         assert torch.equal(torch.cuda.get_rng_state(), state_a)
         assert_bitwise_equal(yb, ya)
         assert_bitwise_equal(xb.grad, xa.grad)
-    torch.library.opcheck(dropout_bits, (x.clone().requires_grad_(), 0.3, impl))
+    bits = dropout_draw(x, 0.3, impl)
+    torch.library.opcheck(dropout_apply, (x.clone().requires_grad_(), bits, 0.3, impl))

@@ -24,6 +24,7 @@ from fxshear.kernels.attention import (  # noqa: E402
     attention,
     attention_backward,
     attention_backward_reference,
+    attention_dropout_draw,
     attention_reference,
 )
 from fxshear.kernels.attention_triton import (  # noqa: E402
@@ -64,17 +65,16 @@ def check_against_reference(q, k, v, mask, scale, p, *, block=None, seed=0):  # 
     """Forward and backward of the kernels vs the torch reference, same seed for the dropout."""
     grad = randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype, seed=seed + 99)
     torch.manual_seed(seed)
-    out, lse, bits = attention_reference(q, k, v, mask, scale, p)
-    torch.manual_seed(seed)
-    t_out, t_lse, t_bits = attention_forward_triton(q, k, v, mask, scale, p, block_m=block, block_n=block)
-    assert torch.equal(t_bits, bits)  # drawn by native_dropout from the same RNG state
+    bits = attention_dropout_draw(q, k, p, "torch") if p > 0 else None
+    out, lse = attention_reference(q, k, v, mask, bits, scale, p)
+    t_out, t_lse = attention_forward_triton(q, k, v, mask, bits, scale, p, block_m=block, block_n=block)
     assert t_out.is_contiguous() and t_lse.is_contiguous()
     tol = TOL[q.dtype]
     assert_rel_close(t_out, out, tol)
     assert_rel_close(t_lse, lse, 1e-6)
 
     expected = attention_backward_reference(grad, q, k, v, mask, lse, bits, scale, p)
-    actual = attention_backward_triton(grad, q, k, v, mask, t_lse, t_bits, scale, p, block_m=block, block_n=block)
+    actual = attention_backward_triton(grad, q, k, v, mask, t_lse, bits, scale, p, block_m=block, block_n=block)
     for a, e in zip(actual, expected):
         assert a.is_contiguous()
         assert_rel_close(a, e, tol)
@@ -131,14 +131,13 @@ def test_default_blocks_and_the_op_match() -> None:
     that the op calls on CUDA (here by hand: on CPU the op takes the torch path)."""
     q, k, v = randn(2, 1, 11, 16, seed=16), randn(2, 1, 13, 16, seed=17), randn(2, 1, 13, 16, seed=18)
     torch.manual_seed(3)
-    expected = attention(q, k, v, None, 0.25, 0.5, "triton")  # CPU: torch path
-    torch.manual_seed(3)
-    actual = attention_forward_triton(q, k, v, None, 0.25, 0.5)
-    assert torch.equal(actual[2], expected[2])
-    for a, e in zip(actual[:2], expected[:2]):
+    bits = attention_dropout_draw(q, k, 0.5, "triton")
+    expected = attention(q, k, v, None, bits, 0.25, 0.5, "triton")  # CPU: torch path
+    actual = attention_forward_triton(q, k, v, None, bits, 0.25, 0.5)
+    for a, e in zip(actual, expected):
         assert_rel_close(a, e, 1e-5)
     grad = randn(2, 1, 11, 16, seed=19)
-    saved = (q, k, v, None, expected[1], expected[2])
+    saved = (q, k, v, None, expected[1], bits)
     for a, e in zip(attention_backward_triton(grad, *saved, 0.25, 0.5),
                     attention_backward(grad, *saved, 0.25, 0.5, "torch")):
         assert_rel_close(a, e, 1e-5)
@@ -147,13 +146,16 @@ def test_default_blocks_and_the_op_match() -> None:
 def test_invalid_arguments_raise() -> None:
     q = randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="float64"):
-        attention_forward_triton(q.double(), q.double(), q.double(), None, 1.0, 0.0)
+        attention_forward_triton(q.double(), q.double(), q.double(), None, None, 1.0, 0.0)
     with pytest.raises(ValueError, match="head dims"):
         big = randn(1, 1, 4, 160)
-        attention_forward_triton(big, big, big, None, 1.0, 0.0)
+        attention_forward_triton(big, big, big, None, None, 1.0, 0.0)
     with pytest.raises(ValueError, match="bits"):
-        attention_forward_triton(q, q, q, None, 1.0, 0.5, torch.zeros(1, dtype=torch.uint8, device=DEVICE))
-    _, lse, bits = attention_forward_triton(q, q, q, None, 1.0, 0.5)
+        attention_forward_triton(q, q, q, None, torch.zeros(1, dtype=torch.uint8, device=DEVICE), 1.0, 0.5)
+    with pytest.raises(ValueError, match="bits"):
+        attention_forward_triton(q, q, q, None, None, 1.0, 0.5)
+    bits = attention_dropout_draw(q, q, 0.5, "torch")
+    _, lse = attention_forward_triton(q, q, q, None, bits, 1.0, 0.5)
     with pytest.raises(ValueError, match="bits"):
         attention_backward_triton(q, q, q, q, None, lse, bits[:1], 1.0, 0.5)
     with pytest.raises(ValueError, match="lse"):
@@ -189,12 +191,15 @@ def test_opcheck_and_eager_masks_on_cuda(dtype) -> None:  # noqa: ANN001
     q, k, v = (torch.randn(2, 3, 70, 64, dtype=dtype, device="cuda", requires_grad=True) for _ in range(3))
     mask = torch.zeros(2, 1, 1, 70, device="cuda")
     mask[1, ..., 50:] = torch.finfo(torch.float32).min
-    torch.library.opcheck(attention, (q, k, v, mask, 0.125, 0.0, "triton"))
+    torch.library.opcheck(attention, (q, k, v, mask, None, 0.125, 0.0, "triton"))
     torch.manual_seed(0)
-    out, lse, bits = attention(q.detach(), k.detach(), v.detach(), mask, 0.125, 0.1, "triton")
+    bits = attention_dropout_draw(q, k, 0.1, "triton")
     torch.manual_seed(0)
-    ref_out, ref_lse, ref_bits = attention(q.detach(), k.detach(), v.detach(), mask, 0.125, 0.1, "torch")
+    ref_bits = attention_dropout_draw(q, k, 0.1, "torch")
     assert torch.equal(bits, ref_bits)  # eager-equal masks on CUDA too
+    torch.library.opcheck(attention, (q, k, v, mask, bits, 0.125, 0.1, "triton"))
+    out, lse = attention(q.detach(), k.detach(), v.detach(), mask, bits, 0.125, 0.1, "triton")
+    ref_out, ref_lse = attention(q.detach(), k.detach(), v.detach(), mask, bits, 0.125, 0.1, "torch")
     assert_rel_close(out, ref_out, TOL[dtype])
     grad = torch.randn_like(out)
     saved = (q.detach(), k.detach(), v.detach(), mask, lse, bits)

@@ -21,8 +21,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fxshear.kernels.dropout_bits import (  # noqa: E402
+    dropout_apply,
     dropout_bits,
-    dropout_bits_backward,
+    dropout_draw,
     native_scale,
     pack_bits,
     unpack_bits,
@@ -213,16 +214,16 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the ops ta
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ops_triton_path_on_cuda(dtype):
     x = torch.randn(33, 130, dtype=dtype, device="cuda", requires_grad=True)
-    torch.library.opcheck(dropout_bits, (x, 0.3, "triton"))
+    torch.library.opcheck(dropout_draw, (x, 0.3, "triton"), test_utils=("test_schema", "test_faketensor"))
     torch.cuda.manual_seed(0)
     _, bits = dropout_bits(x.detach(), 0.3, "triton")
     torch.cuda.manual_seed(0)
     _, bits_ref = dropout_bits(x.detach(), 0.3, "torch")
     assert torch.equal(bits, bits_ref)
     grad = torch.randn_like(x)
-    assert_bitwise_equal(dropout_bits_backward(grad, bits, 0.3, "triton"),
-                         dropout_bits_backward(grad, bits, 0.3, "torch"))
-    torch.library.opcheck(dropout_bits_backward, (grad, bits, 0.3, "triton"))
+    assert_bitwise_equal(dropout_apply(grad, bits, 0.3, "triton"),
+                         dropout_apply(grad, bits, 0.3, "torch"))
+    torch.library.opcheck(dropout_apply, (grad, bits, 0.3, "triton"))
     for kind in ("layer", "rms"):
         torch.library.opcheck(normalize, (x, kind, 1e-5, "triton"))
         z, rstd = normalize(x.detach(), kind, 1e-5, "triton")

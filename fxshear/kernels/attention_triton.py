@@ -3,8 +3,8 @@
 Forward (one program per ``BLOCK_M`` query rows of one (batch, head)): online softmax over
 ``BLOCK_N`` key blocks, writes the output and the fp32 row log-sum-exp; the ``[q, k]``
 probabilities never reach global memory.  With dropout the kept/dropped flags come from a
-precomputed 1-bit mask: the wrapper draws it with ``aten.native_dropout`` (so the RNG is used
-exactly as eager dropout uses it) and packs it before the launch.
+precomputed 1-bit mask, drawn by ``fxshear::attention_dropout_draw`` with ``aten.native_dropout``
+(so the RNG is used exactly as eager dropout uses it).
 
 Backward, without the output (it is not saved) and without the probabilities:
 
@@ -36,7 +36,6 @@ from fxshear.kernels.attention import (
     TRITON_DTYPES,
     TRITON_MAX_HEAD_DIM,
     dropout_scale,
-    pack_bits,
     packed_bits_numel,
 )
 
@@ -350,34 +349,21 @@ def _drop_scale(dropout_p: float, dtype: torch.dtype) -> float:
     return torch.tensor(dropout_scale(dropout_p), dtype=dtype).item()
 
 
-def draw_dropout_bits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, dropout_p: float) -> torch.Tensor:
-    """The packed mask eager dropout would draw on probabilities of ``shape`` and ``dtype``.
-
-    ``aten.native_dropout`` on a tensor of the eager shape and dtype uses the global RNG exactly
-    as eager ``F.dropout`` of the probabilities does (fused Philox kernel on CUDA), so the same
-    seed gives the same mask.  The full-size temporaries are freed before the kernel runs.
-    """
-    _, keep = torch.ops.aten.native_dropout.default(
-        torch.empty(shape, dtype=dtype, device=device), dropout_p, True
-    )
-    return pack_bits(keep)
-
-
 def attention_forward_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    bits: torch.Tensor | None,
     scale: float,
     dropout_p: float,
-    bits: torch.Tensor | None = None,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(out, lse, bits)`` as :func:`fxshear.kernels.attention.attention` does.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out, lse)`` as :func:`fxshear.kernels.attention.attention` does.
 
-    ``bits`` (the packed dropout mask) is drawn here when ``dropout_p > 0`` and none is given.
+    ``bits`` is the packed dropout mask of ``attention_dropout_draw`` (None without dropout).
     ``block_m``/``block_n`` override the tile sizes (the tests use small ones).
     """
     _check_inputs(q, k, v)
@@ -385,20 +371,16 @@ def attention_forward_triton(
     numel = 1
     for size in scores_shape:
         numel *= size
-    if dropout_p > 0:
-        if bits is None:
-            bits = draw_dropout_bits(scores_shape, q.dtype, q.device, dropout_p)
-        if bits.dtype != torch.uint8 or bits.numel() != packed_bits_numel(numel):
-            raise ValueError(f"bits must be uint8[{packed_bits_numel(numel)}], got {bits.dtype}[{bits.numel()}]")
-    else:
-        bits = torch.empty((0,), dtype=torch.uint8, device=q.device)
+    if dropout_p > 0 and (bits is None or bits.dtype != torch.uint8 or bits.numel() != packed_bits_numel(numel)):
+        got = "None" if bits is None else f"{bits.dtype}[{bits.numel()}]"
+        raise ValueError(f"bits must be uint8[{packed_bits_numel(numel)}], got {got}")
 
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     if numel == 0 or out.numel() == 0:
         out.zero_()  # no keys: eager's probs @ v is an empty sum
         lse.fill_(float("-inf"))
-        return out, lse, bits
+        return out, lse
 
     q4, k4, v4, out4 = _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(out)
     batch, heads, sq, _ = q4.shape
@@ -414,7 +396,7 @@ def attention_forward_triton(
         HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0,
         **cfg,
     )
-    return out, lse, bits
+    return out, lse
 
 
 def attention_backward_triton(
@@ -424,7 +406,7 @@ def attention_backward_triton(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     lse: torch.Tensor,
-    bits: torch.Tensor,
+    bits: torch.Tensor | None,
     scale: float,
     dropout_p: float,
     *,
@@ -437,8 +419,9 @@ def attention_backward_triton(
     numel = 1
     for size in scores_shape:
         numel *= size
-    if dropout_p > 0 and (bits.dtype != torch.uint8 or bits.numel() != packed_bits_numel(numel)):
-        raise ValueError(f"bits must be uint8[{packed_bits_numel(numel)}], got {bits.dtype}[{bits.numel()}]")
+    if dropout_p > 0 and (bits is None or bits.dtype != torch.uint8 or bits.numel() != packed_bits_numel(numel)):
+        got = "None" if bits is None else f"{bits.dtype}[{bits.numel()}]"
+        raise ValueError(f"bits must be uint8[{packed_bits_numel(numel)}], got {got}")
     if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(q.shape[:-1]):
         raise ValueError(f"lse must be fp32 {tuple(q.shape[:-1])}, got {lse.dtype} {tuple(lse.shape)}")
     grad_out = grad_out.to(q.dtype)

@@ -1,9 +1,13 @@
-"""``fxshear::dropout_bits``: training-mode dropout that keeps its mask as 1 bit per element.
+"""Training-mode dropout that keeps its mask as 1 bit per element, drawn apart from applied.
 
-Why a custom op: eager dropout saves a dense mask (CPU: the scaled noise tensor in the input's
+Why custom ops: eager dropout saves a dense mask (CPU: the scaled noise tensor in the input's
 dtype; CUDA: a bool mask), 8 to 32 bits per element.  Which elements were kept is all the
-backward needs, so this op packs it 8 to a byte and its backward rebuilds the gradient from
-the bits.
+backward needs, so the mask is packed 8 to a byte and the gradient is rebuilt from the bits.
+
+Why two ops: the draw is random and must run once, in the forward, in eager's order (it is
+pinned there, see ``graph/partitioner.py``); the application is deterministic, so under a
+memory budget the partitioner may recompute the dropout's output in the backward from its
+input and the bits instead of saving it.
 
 Eager equality.  The op reproduces eager ``torch.nn.functional.dropout(x, p, training=True)``
 exactly (output, mask, gradient, and how much of the global generator it consumes), by running
@@ -21,13 +25,15 @@ differ in the last bit (fp32, p = 0.123: ``x * fl(1 / fl(1 - p))`` against
 ``x * fl(1 / (1 - p))``), so the CPU path runs ``_dropout``'s sequence, not ``native_dropout``.
 
 Ops:
-    dropout_bits(x, p, impl) -> (y, bits)              bits uint8[ceil(numel / 8)]
-    dropout_bits_backward(grad, bits, p, impl) -> dx   dx = grad * mask / (1 - p), as eager
+    dropout_draw(x, p, impl) -> bits             the mask F.dropout(x, p) would draw, uint8[ceil(numel / 8)]
+    dropout_apply(x, bits, p, impl) -> y         y = x * mask / (1 - p) as eager computes it; also
+                                                 the gradient (the op is its own adjoint)
+    dropout_bits(x, p, impl) -> (y, bits)        the two together (a Python function)
 
 Bit order: element ``i`` (row-major logical order) is bit ``i % 8`` of byte ``i // 8``; 1 means
 kept; the pad bits of the last byte are 0.
 
-Only the backward has a CPU lowering: the forward draws random numbers, and Inductor would
+Only ``dropout_apply`` has a CPU lowering: the draw uses random numbers, and Inductor would
 re-seed them and change the masks.
 """
 
@@ -91,35 +97,6 @@ def noise_value(p: float, dtype: torch.dtype) -> float:
     return quotient
 
 
-def dropout_reference(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, keep_mask)`` drawn exactly as eager ``F.dropout(x, p, training=True)`` draws them."""
-    _check_p(p)
-    if fused_path(x, p):
-        return torch.ops.aten.native_dropout.default(x, p, True)
-    if p == 0.0 or x.numel() == 0:
-        return x.clone(), torch.ones_like(x, dtype=torch.bool)
-    if p == 1.0:
-        return x * x.new_zeros(()), torch.zeros_like(x, dtype=torch.bool)
-    noise = torch.empty_like(x)
-    noise.bernoulli_(1.0 - p)
-    noise.div_(1.0 - p)
-    return x * noise, noise != 0
-
-
-def dropout_backward_reference(grad: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """Eager's gradient of ``F.dropout`` from the bool keep mask (shaped like ``grad``)."""
-    _check_p(p)
-    if fused_path(grad, p):
-        return torch.ops.aten.native_dropout_backward.default(grad, keep, native_scale(p))
-    if p == 0.0 or grad.numel() == 0:
-        return grad.clone()
-    if p == 1.0:
-        return grad * grad.new_zeros(())
-    noise = keep.to(grad.dtype)
-    noise.div_(1.0 - p)  # rebuilds eager's noise tensor bit for bit
-    return grad * noise
-
-
 def _laid_out_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``t``'s values with ``torch.empty_like(like)``'s strides (what the fake kernels promise)."""
     out = torch.empty_like(like)
@@ -140,59 +117,91 @@ def _check_bits(bits: torch.Tensor, numel: int) -> None:
         )
 
 
-# nondeterministic_seeded: the compiler must neither merge two calls nor move one across another
-# random op, or the draws would leave eager's order.
-@torch.library.custom_op("fxshear::dropout_bits", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def dropout_bits(x: torch.Tensor, p: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-mode dropout: ``(y, bits)``, eager-equal y and mask, the mask packed 8 per byte."""
+def draw_mask(noise: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+    """The packed mask eager ``F.dropout`` draws for a tensor laid out like ``noise``.
+
+    ``noise`` is a scratch tensor of the dropout input's shape, dtype, device and strides; its
+    values are overwritten (CPU) or ignored (CUDA).  Eager's draw depends on nothing else, so the
+    generator moves exactly as eager's does.  p == 0, p == 1 and empty tensors draw nothing.
+    """
     _check_p(p)
+    if fused_path(noise, p):
+        _, keep = torch.ops.aten.native_dropout.default(noise, p, True)
+        if _use_triton(noise, impl):
+            from .dropout_bits_triton import pack_bits_triton
+
+            return pack_bits_triton(keep)
+        return pack_bits(keep)
+    if p == 0.0 or noise.numel() == 0:
+        return pack_bits(torch.ones(noise.shape, dtype=torch.bool, device=noise.device))
+    if p == 1.0:
+        return pack_bits(torch.zeros(noise.shape, dtype=torch.bool, device=noise.device))
+    return pack_bits(noise.bernoulli_(1.0 - p) != 0)
+
+
+# nondeterministic_seeded: the compiler must neither merge two calls, nor move one across another
+# random op (the draws would leave eager's order), nor recompute one (a new mask); see
+# graph/partitioner.py: pin_ops.
+@torch.library.custom_op("fxshear::dropout_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_draw(x: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+    """The mask ``F.dropout(x, p, training=True)`` would draw now, packed 8 per byte.
+
+    Only x's shape, dtype, device and strides matter.  Drawing is split from applying
+    (:func:`dropout_apply`) so that the draw alone has to run in the forward: a compiler may
+    recompute the dropout's output in the backward from x and these bits.
+    """
+    return draw_mask(torch.empty_like(x), p, impl)
+
+
+@dropout_draw.register_fake
+def _dropout_draw_fake(x: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+    return x.new_empty((packed_numel(x.numel()),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fxshear::dropout_apply", mutates_args=())
+def dropout_apply(x: torch.Tensor, bits: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+    """Dropout with a given mask: eager's output for that mask, ``x * mask / (1 - p)`` bit for bit.
+
+    It is also eager's gradient of dropout (the same product with the incoming gradient), so the
+    op is its own adjoint and its backward is a second call.  Deterministic: no RNG.
+    """
+    _check_p(p)
+    _check_bits(bits, x.numel())
     if _use_triton(x, impl) and fused_path(x, p):
-        from .dropout_bits_triton import pack_bits_triton
-
-        y, keep = torch.ops.aten.native_dropout.default(x, p, True)
-        return _laid_out_like(x, y), pack_bits_triton(keep)
-    y, keep = dropout_reference(x, p)
-    return _laid_out_like(x, y), pack_bits(keep)
-
-
-@dropout_bits.register_fake
-def _dropout_bits_fake(x: torch.Tensor, p: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), x.new_empty((packed_numel(x.numel()),), dtype=torch.uint8)
-
-
-@torch.library.custom_op("fxshear::dropout_bits_backward", mutates_args=())
-def dropout_bits_backward(grad: torch.Tensor, bits: torch.Tensor, p: float, impl: str) -> torch.Tensor:
-    """Eager's dropout gradient, ``grad * mask / (1 - p)``, from the packed mask."""
-    _check_p(p)
-    _check_bits(bits, grad.numel())
-    if _use_triton(grad, impl) and fused_path(grad, p):
         from .dropout_bits_triton import dropout_backward_triton
 
-        return _laid_out_like(grad, dropout_backward_triton(grad, bits, p))
-    keep = unpack_bits(bits, grad.numel()).view(grad.shape)
-    return _laid_out_like(grad, dropout_backward_reference(grad, keep, p))
+        return _laid_out_like(x, dropout_backward_triton(x, bits, p))
+    return _laid_out_like(x, apply_math(x, bits, p))
 
 
-@dropout_bits_backward.register_fake
-def _dropout_bits_backward_fake(grad: torch.Tensor, bits: torch.Tensor, p: float, impl: str) -> torch.Tensor:
-    return torch.empty_like(grad)
+@dropout_apply.register_fake
+def _dropout_apply_fake(x: torch.Tensor, bits: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+    _check_bits(bits, x.numel())
+    return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature
-    _, p, impl = inputs
-    _, bits = output
+    _, bits, p, impl = inputs
     ctx.save_for_backward(bits)
     ctx.p = p
     ctx.impl = impl
-    ctx.mark_non_differentiable(bits)
 
 
-def _backward(ctx, grad_y: torch.Tensor, grad_bits: torch.Tensor | None):  # noqa: ANN001, ANN202
+def _backward(ctx, grad_y: torch.Tensor):  # noqa: ANN001, ANN202
     (bits,) = ctx.saved_tensors
-    return dropout_bits_backward(grad_y, bits, ctx.p, ctx.impl), None, None
+    return dropout_apply(grad_y, bits, ctx.p, ctx.impl), None, None, None
 
 
-dropout_bits.register_autograd(_backward, setup_context=_setup_context)
+dropout_apply.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout_bits(x: torch.Tensor, p: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-mode dropout: ``(y, bits)``, eager-equal y and mask, the mask packed 8 per byte.
+
+    Autograd keeps only the bits for backward.
+    """
+    bits = dropout_draw(x, p, impl)
+    return dropout_apply(x, bits, p, impl), bits
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, impl: str = "auto") -> torch.Tensor:
@@ -202,21 +211,27 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, impl: str = 
     return dropout_bits(x, p, impl)[0]
 
 
-def fused_backward(grad: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
-    """The CPU backward as traceable aten math, equal to the op bit for bit (eagerly evaluated).
+def apply_math(x: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout_apply`` as traceable aten math, equal to eager bit for bit on every device.
 
-    ``noise_value`` is eager's noise as a constant, so ``grad * noise`` is the same fp32 (or fp64)
-    product rounded once to ``grad``'s dtype whether it runs eagerly or fused by Inductor.
+    The fused (CUDA) path is ``native_dropout_backward``, which computes ``mask * x * scale`` in
+    fp32 exactly as ``native_dropout``'s forward does.  Elsewhere ``noise_value`` is eager's noise
+    as a constant, so ``x * noise`` is the same fp32 (or fp64) product rounded once to ``x``'s
+    dtype whether it runs eagerly or fused by Inductor.
     """
+    _check_p(p)
+    if fused_path(x, p):
+        keep = unpack_bits(bits, x.numel()).view(x.shape)
+        return torch.ops.aten.native_dropout_backward.default(x, keep, native_scale(p))
     if p == 0.0:
-        return grad.clone()
+        return x.clone()
     if p == 1.0:
-        return grad * 0.0
-    keep = unpack_bits(bits, grad.numel()).view(grad.shape)
+        return x * 0.0
+    keep = unpack_bits(bits, x.numel()).view(x.shape)
     # where() rather than keep * noise: a noise of inf (fp16, p > 1 - 2**-16) times 0 would be NaN.
-    return torch.where(keep, grad * noise_value(p, grad.dtype), grad * 0.0)
+    return torch.where(keep, x * noise_value(p, x.dtype), x * 0.0)
 
 
-@register_cpu_lowering(torch.ops.fxshear.dropout_bits_backward.default)
-def _lower_backward(grad: torch.Tensor, bits: torch.Tensor, p: float, impl: str) -> torch.Tensor:
-    return fused_backward(grad, bits, p)
+@register_cpu_lowering(torch.ops.fxshear.dropout_apply.default)
+def _lower_apply(x: torch.Tensor, bits: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+    return apply_math(x, bits, p)

@@ -1,4 +1,4 @@
-"""Triton kernels for the 1-bit dropout masks (CUDA path of ``fxshear::dropout_bits``).
+"""Triton kernels for the 1-bit dropout masks (CUDA path of ``fxshear::dropout_draw`` and ``dropout_apply``).
 
 The mask itself is drawn by ``native_dropout`` on the device, so the kept elements and the
 generator's state are eager's; the kernels only pack the bool mask 8 to a byte and rebuild the

@@ -171,10 +171,17 @@ class AttentionPass:
                 continue
             out = found.output
             with graph.inserting_before(out):
+                bits = None
+                if found.dropout_p > 0:
+                    # Drawn where eager's dropout draws (after the scores, before anything after
+                    # the attention), so the generator is used in eager's order.
+                    bits = call(graph, torch.ops.fxshear.attention_dropout_draw.default,
+                                (found.q, found.k, found.dropout_p, cfg.kernels), like=out,
+                                pass_name=self.name)
                 fused = call(graph, torch.ops.fxshear.attention.default,
-                             (found.q, found.k, found.v, found.mask, found.scale, found.dropout_p,
+                             (found.q, found.k, found.v, found.mask, bits, found.scale, found.dropout_p,
                               cfg.kernels), like=out, pass_name=self.name)
-            result = outputs(graph, fused, 3, like=out, pass_name=self.name)[0]
+            result = outputs(graph, fused, 2, like=out, pass_name=self.name)[0]
             out.replace_all_uses_with(result)
             for dead in reversed(found.chain):
                 graph.erase_node(dead)

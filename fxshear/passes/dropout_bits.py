@@ -1,8 +1,9 @@
-"""Pass: dropout keeps its mask at 1 bit per element instead of one byte (``fxshear::dropout_bits``).
+"""Pass: dropout keeps its mask at 1 bit per element instead of one byte.
 
-The op draws its mask exactly as eager ``F.dropout`` does (``aten.native_dropout`` on the global
-generator), so a seeded run gives the same masks and gradients as eager; plain torch.compile
-re-draws masks with Inductor's own generator.  Backward needs only the packed bits.  Every
+``F.dropout(x)`` becomes ``fxshear::dropout_apply(x, fxshear::dropout_draw(x))``.  The draw makes
+the calls eager ``F.dropout`` makes on the global generator, so a seeded run gives the same
+masks and gradients as eager; plain torch.compile re-draws masks with Inductor's own generator.
+Backward needs only the packed bits, and the output can be recomputed from x and the bits.  Every
 training-mode dropout of the graph is rewritten, even one no gradient flows through (a frozen
 embedding's): a single dropout left to Inductor would draw from its generator instead.
 """
@@ -14,7 +15,7 @@ import torch.fx
 
 from ..config import ShearConfig
 from .base import PassReport, excluded
-from .match import call, dropout_arguments, is_float_tensor, outputs
+from .match import call, dropout_arguments, is_float_tensor
 
 NAME = "dropout_bits"
 
@@ -23,7 +24,7 @@ def _ops() -> None:
 
 
 class DropoutBitsPass:
-    """Rewrite training-mode dropout into ``fxshear::dropout_bits``."""
+    """Rewrite training-mode dropout into ``fxshear::dropout_draw`` + ``fxshear::dropout_apply``."""
 
     name = NAME
 
@@ -44,9 +45,10 @@ class DropoutBitsPass:
                 report.skip(node, reason)
                 continue
             with graph.inserting_before(node):
-                fused = call(graph, torch.ops.fxshear.dropout_bits.default, (x, float(p), cfg.kernels),
-                             like=node, pass_name=self.name)
-            y, _ = outputs(graph, fused, 2, like=node, pass_name=self.name)
+                bits = call(graph, torch.ops.fxshear.dropout_draw.default, (x, float(p), cfg.kernels),
+                            like=node, pass_name=self.name)
+                y = call(graph, torch.ops.fxshear.dropout_apply.default, (x, bits, float(p), cfg.kernels),
+                         like=node, pass_name=self.name)
             node.replace_all_uses_with(y)
             graph.erase_node(node)
             report.rewritten.append(f"{node.name} (p={float(p):g})")
