@@ -125,6 +125,12 @@ CONFIGS: list[BenchConfig] = [
     BenchConfig("fxshear exact", _with_fxshear("exact"), uses_fxshear=True),
     BenchConfig("fxshear exact budget=0.5", _with_fxshear("exact", memory_budget=0.5), uses_fxshear=True),
     BenchConfig("fxshear exact budget=0.1", _with_fxshear("exact", memory_budget=0.1), uses_fxshear=True),
+    # The same with dropout masks from the compiler's fused RNG instead of eager's (serial on CPU).
+    BenchConfig("fxshear exact fast-rng", _with_fxshear("exact", dropout_rng="fast"), uses_fxshear=True),
+    BenchConfig("fxshear exact fast-rng budget=0.5", _with_fxshear("exact", dropout_rng="fast", memory_budget=0.5),
+                uses_fxshear=True),
+    BenchConfig("fxshear exact fast-rng budget=0.1", _with_fxshear("exact", dropout_rng="fast", memory_budget=0.1),
+                uses_fxshear=True),
     BenchConfig("fxshear balanced", _with_fxshear("balanced"), uses_fxshear=True),
 ]
 

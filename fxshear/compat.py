@@ -68,6 +68,45 @@ def activation_memory_budget(budget: float | None) -> Iterator[None]:
         return
     import torch._functorch.config as functorch_config
 
-    with functorch_config.patch(activation_memory_budget=budget):
+    patches: dict[str, object] = {"activation_memory_budget": budget}
+    # fxshear's ops are custom ops: without this flag the partitioner's aggressive modes
+    # recompute them freely (matmuls included) and its knapsack never weighs them; with it they
+    # are treated like aten's compute-intensive ops, banned first and traded by estimated cost
+    # (their flop formulas: fxshear/graph/cost.py).  Present in 2.11-2.14; feature-detected.
+    if hasattr(functorch_config, "is_non_builtin_to_include"):
+        patches["is_non_builtin_to_include"] = True
+    with functorch_config.patch(**patches):
         yield
 
+
+
+def native_random(graph: torch.fx.Graph) -> bool:
+    """Rewrite ``aten.rand`` calls inlined after partitioning into Inductor's seeded random ops.
+
+    Inductor does this in its joint-graph passes, before partitioning; random numbers fxshear
+    inlines later (``dropout_rng="fast"``) must be rewritten the same way or Inductor refuses
+    them.  Private API: returns False (leave the op opaque) where it is not available.
+    """
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.fx_passes.replace_random import fuse_seed_creation_pass, patterns
+    except ImportError:
+        return False
+    if inductor_config.fallback_random:
+        return True  # Inductor then runs aten.rand as is
+    patterns.apply(graph)
+    fuse_seed_creation_pass(graph)
+    return True
+
+
+def size_hint(size: torch.SymInt) -> int:
+    """A symbolic size's example value, without installing a guard (``int()`` would specialize).
+
+    ``optimization_hint`` (2.13+) or the symbol node's own hint (older releases).
+    """
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+    except ImportError:
+        hint = size.node.hint
+        return int(hint if hint is not None else size.node.shape_env.size_hint(size.node.expr))
+    return int(optimization_hint(size))

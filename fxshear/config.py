@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ DEFAULT_PRESET = "exact"  # most fine-tuning users will not accept approximate g
 KERNEL_CHOICES = ("auto", "torch", "triton")
 ON_ERROR_CHOICES = ("fallback", "raise")
 ACT_FROM_OUTPUT_CHOICES = ("off", "exact_dtypes", "all")
+DROPOUT_RNG_CHOICES = ("eager", "fast")
+PRUNE_OP_CHOICES = ("linear",)
+# The reference work's opt-in targets that fxshear does not prune yet (a clear error, not a no-op).
+UNBUILT_PRUNE_OPS = {"attention": "attention matmul operands", "softmax": "softmax outputs",
+                     "norm": "norm inputs"}
+# Heads are left dense by default, as in Back Razor: the classifier / LM head / pooler see few
+# tokens or feed the loss directly, and their saved inputs are small.
+DEFAULT_PRUNE_EXCLUDE = ("*classifier*", "*lm_head*", "*pooler*", "score", "*.score")
 
 
 class ConfigError(ValueError):
@@ -38,13 +47,24 @@ class ShearConfig:
         act_from_output: GELU/SiLU backward recovered from the saved output plus a 1-bit branch
             flag: "off", "exact_dtypes" (only dtypes whose inversion error is at the level of the
             dtype's rounding) or "all" (every float dtype; approximate near the minimum).
-        dropout_bits: dropout keeps its mask at 1 bit per element (same masks as eager). Exact.
+        dropout_bits: dropout keeps its mask at 1 bit per element. Exact.
+        dropout_rng: "eager" (default): the masks eager PyTorch draws with the same seed, so
+            runs reproduce eager exactly; "fast": masks from the compiler's own fused random
+            numbers, like torch.compile's (on CPU eager's draw is a serial loop, ~11 ns/element).
         attention_recompute: eager/math attention keeps q, k, v, the row log-sum-exp and a 1-bit
             dropout mask, and rebuilds the probabilities in backward. Exact.
         fused_loss: Linear(hidden -> vocab) + cross-entropy never keeps the logits. Exact.
         act2bit: GELU/SiLU keep a 2-bit code for backward (approximate; Approx-BP); applies to
             the activations ``act_from_output`` leaves alone.
         act2bit_ops: which activations ``act2bit`` rewrites.
+        prune: the input a Linear saves for its weight gradient is pruned per sample to its
+            largest ``keep_ratio`` entries (Back Razor; approximate weight gradients, exact input
+            gradients).  Only where nothing else keeps that input dense.
+        keep_ratio: fraction of each sample's entries kept, in (0, 1]; 1.0 is exact.
+        keep_ratios: ``{module pattern: ratio}`` overrides of ``keep_ratio`` (fnmatch on the
+            module path, first match wins).
+        prune_ops: which saved tensors are pruned; "linear" (Linear inputs) is the one built.
+        prune_exclude: module patterns never pruned (default: classifier, LM head, pooler).
         memory_budget: PyTorch's ``activation_memory_budget`` for fxshear regions, in [0, 1];
             None leaves the partitioner's global setting alone.
         exclude: fnmatch patterns of module paths (e.g. ``"classifier*"``) no pass touches.
@@ -56,10 +76,16 @@ class ShearConfig:
     share_norms: bool = True
     act_from_output: str = "all"
     dropout_bits: bool = True
+    dropout_rng: str = "eager"
     attention_recompute: bool = True
     fused_loss: bool = True
     act2bit: bool = True
     act2bit_ops: tuple[str, ...] = ACT2BIT_KINDS
+    prune: bool = False
+    keep_ratio: float = 0.1
+    keep_ratios: tuple[tuple[str, float], ...] = ()
+    prune_ops: tuple[str, ...] = PRUNE_OP_CHOICES
+    prune_exclude: tuple[str, ...] = DEFAULT_PRUNE_EXCLUDE
     memory_budget: float | None = None
     exclude: tuple[str, ...] = ()
     kernels: str = "auto"
@@ -67,9 +93,24 @@ class ShearConfig:
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
-        for name in ("share_norms", "dropout_bits", "attention_recompute", "fused_loss", "act2bit"):
+        for name in ("share_norms", "dropout_bits", "attention_recompute", "fused_loss", "act2bit", "prune"):
             _check_bool(name, getattr(self, name))
+        _check_ratio("keep_ratio", self.keep_ratio)
+        for entry in self.keep_ratios:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]):
+                raise ConfigError(f"keep_ratios must map module patterns to ratios, got entry {entry!r}")
+            _check_ratio(f"keep_ratios[{entry[0]!r}]", entry[1])
+        unbuilt = [op for op in self.prune_ops if op in UNBUILT_PRUNE_OPS]
+        if unbuilt:
+            raise ConfigError(
+                f"prune_ops {unbuilt} (pruning {', '.join(UNBUILT_PRUNE_OPS[o] for o in unbuilt)}) is not "
+                f"built yet; the accepted value is {PRUNE_OP_CHOICES!r}"
+            )
+        _check_subset("prune_ops", self.prune_ops, PRUNE_OP_CHOICES)
+        if not all(isinstance(p, str) and p for p in self.prune_exclude):
+            raise ConfigError(f"prune_exclude must be a sequence of non-empty strings, got {self.prune_exclude!r}")
         _check_choice("act_from_output", self.act_from_output, ACT_FROM_OUTPUT_CHOICES)
+        _check_choice("dropout_rng", self.dropout_rng, DROPOUT_RNG_CHOICES)
         _check_subset("act2bit_ops", self.act2bit_ops, ACT2BIT_KINDS)
         if self.memory_budget is not None:
             if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, (int, float)):
@@ -100,9 +141,11 @@ class ShearConfig:
                     f"preset, {', '.join(sorted(known))}"
                 )
         values = {**PRESET_FIELDS[preset], **merged}
-        for name in ("act2bit_ops", "exclude"):
+        for name in ("act2bit_ops", "exclude", "prune_ops", "prune_exclude"):
             if name in values:
                 values[name] = _as_tuple(name, values[name])
+        if "keep_ratios" in values:
+            values["keep_ratios"] = _as_pairs("keep_ratios", values["keep_ratios"])
         return cls(preset=preset, **values)
 
     def to_json(self) -> str:
@@ -112,7 +155,20 @@ class ShearConfig:
     @property
     def exact(self) -> bool:
         """True when every enabled rewrite keeps gradients equal to eager."""
-        return not self.act2bit and self.act_from_output != "all"
+        return (not self.act2bit and self.act_from_output != "all"
+                and not (self.prune and self.keep_ratio_range()[0] < 1.0))
+
+    def keep_ratio_range(self) -> tuple[float, float]:
+        """Smallest and largest keep ratio any module may get."""
+        ratios = [self.keep_ratio, *(ratio for _, ratio in self.keep_ratios)]
+        return min(ratios), max(ratios)
+
+    def keep_ratio_for(self, module_path: str) -> float:
+        """The keep ratio of a module: the first matching ``keep_ratios`` pattern, else the global."""
+        for pattern, ratio in self.keep_ratios:
+            if fnmatch.fnmatchcase(module_path, pattern):
+                return float(ratio)
+        return float(self.keep_ratio)
 
 
 _EXACT_REWRITES: dict[str, Any] = {
@@ -122,8 +178,10 @@ PRESET_FIELDS: dict[str, dict[str, Any]] = {
     "none": {**{k: False for k in _EXACT_REWRITES}, "act_from_output": "off", "act2bit": False},
     "exact": {**_EXACT_REWRITES, "act_from_output": "exact_dtypes", "act2bit": False},
     "balanced": {**_EXACT_REWRITES, "act_from_output": "all", "act2bit": True},
-    # Pruned saved activations join this preset when that pass lands.
-    "aggressive": {**_EXACT_REWRITES, "act_from_output": "all", "act2bit": True},
+    # 2-bit codes rather than output + flag for GELU/SiLU: the activation's output is then kept
+    # only for the next Linear's weight gradient, so pruning it frees it.
+    "aggressive": {**_EXACT_REWRITES, "act_from_output": "off", "act2bit": True, "prune": True,
+                   "keep_ratio": 0.1},
 }
 
 
@@ -145,6 +203,20 @@ def _check_subset(name: str, values: Iterable[Any], choices: Iterable[str]) -> N
             raise ConfigError(
                 f"{name} entries must be among {', '.join(map(repr, choices))}; got {value!r}"
             )
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def _as_pairs(name: str, value: Any) -> tuple[tuple[str, float], ...]:
+    """``{pattern: ratio}`` (or a sequence of pairs) as a tuple of pairs, in the given order."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        return tuple((pattern, ratio) for pattern, ratio in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {{module pattern: ratio}} mapping, got {value!r}") from None
 
 
 def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:

@@ -172,10 +172,15 @@ def test_noise_value_is_eagers_noise() -> None:
             assert torch.equal(expected, torch.full_like(ones, noise_value(p, dtype))), (dtype, p)
 
 
-def test_only_the_application_is_lowered() -> None:
+def test_only_the_application_and_fast_draws_are_lowered() -> None:
+    from fxshear.kernels.lowering import _CONDITIONS
+
     ops = lowerable_ops()
     assert torch.ops.fxshear.dropout_apply.default in ops
-    assert torch.ops.fxshear.dropout_draw.default not in ops  # it draws random numbers
+    # An eager-stream draw is never inlined (Inductor would re-seed it); a fast one is.
+    accepts = _CONDITIONS[torch.ops.fxshear.dropout_draw.default]
+    assert not accepts((None, 0.1, "auto"), {}) and not accepts((None, 0.1, "auto", "eager"), {})
+    assert accepts((None, 0.1, "auto", "fast"), {})
     assert torch.Tag.nondeterministic_seeded in torch.ops.fxshear.dropout_draw.default.tags
     assert torch.Tag.nondeterministic_seeded not in torch.ops.fxshear.dropout_apply.default.tags
 
@@ -217,8 +222,44 @@ def test_opcheck(dtype: torch.dtype) -> None:
         torch.library.opcheck(dropout_apply, (torch.randn(shape, dtype=dtype), bits, 0.3, "torch"))
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fast_draw_keeps_one_minus_p(p: float) -> None:
+    x = torch.randn(200, 100)
+    torch.manual_seed(3)
+    keep = unpack_bits(dropout_draw(x, p, "torch", "fast"), x.numel())
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    y = dropout_apply(x, pack_bits(keep), p, "torch")
+    assert torch.equal(y != 0, keep.view(x.shape))
+
+
+def test_fast_draw_compiles_to_fused_random_numbers() -> None:
+    """rng="fast" under Inductor: no opaque draw left, and forward and backward share the mask."""
+    from torch._inductor.utils import run_and_get_code
+
+    import fxshear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    x, w = torch.randn(4, 8, 16), torch.randn(4, 8, 16)
+    compiled = torch.compile(lambda t: F.dropout(lin(t), 0.3, training=True),
+                             backend=fxshear.backend(preset="exact", dropout_rng="fast"))
+
+    def step():  # noqa: ANN202
+        y = compiled(x)
+        (y * w).sum().backward()
+        return y
+
+    y, codes = run_and_get_code(step)
+    assert not any("fxshear.dropout_draw" in code for code in codes)
+    assert "inductor_random" in codes[0]
+    scale = y / lin(x).detach()  # 0 or 1 / (1 - p): the mask the forward used
+    torch.testing.assert_close(lin.weight.grad, (w * scale).reshape(-1, 16).t() @ x.reshape(-1, 16))
+
+
 def test_bad_arguments_are_clear() -> None:
     x = torch.randn(10)
+    with pytest.raises(ValueError, match="rng must be one of"):
+        dropout_draw(x, 0.5, "torch", "philox")
     with pytest.raises(ValueError, match="between 0 and 1"):
         dropout_bits(x, 1.5, "torch")
     with pytest.raises(ValueError, match="impl must be one of"):

@@ -233,12 +233,11 @@ def alias_root(node: torch.fx.Node) -> torch.fx.Node:
 
 def _as_int(size: object) -> int:
     """A concrete size; symbolic sizes use their example (hint) value."""
-    try:
-        return int(size)
-    except (TypeError, ValueError):
-        from torch.fx.experimental.symbolic_shapes import hint_int
+    if isinstance(size, torch.SymInt):  # int() would guard on (and specialize) the size
+        from ..compat import size_hint
 
-        return int(hint_int(size))
+        return size_hint(size)
+    return int(size)
 
 
 def _nbytes(value: torch.Tensor) -> int:

@@ -59,8 +59,11 @@ def fxshear_source_files() -> tuple[str, ...]:
 
 
 def _bytes(node: object) -> int:
+    """A node's tensor bytes; symbolic sizes at their hint, as the ledger counts them."""
+    from .ledger import _as_int
+
     value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    return _as_int(value.numel()) * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 @dataclass(frozen=True)
@@ -80,24 +83,18 @@ class SavedSizes:
 
 
 def saved_sizes(forward: torch.fx.GraphModule, num_fwd_outputs: int) -> SavedSizes:
-    from torch._inductor.fx_utils import get_node_storage
+    from .ledger import alias_root
 
     output = next(n for n in reversed(forward.graph.nodes) if n.op == "output")
     saved_nodes = [n for n in output.args[0][num_fwd_outputs:] if isinstance(n, torch.fx.Node)]
     placeholders = [n for n in forward.graph.nodes if n.op == "placeholder"]
     saved = sum(_bytes(n) for n in saved_nodes)
     inputs = sum(_bytes(n) for n in placeholders)
-    # Activations: saved storages that are not an input's (a saved view of a weight is free),
-    # each storage once, as the ledger counts them.
-    input_storages = {get_node_storage(n) for n in placeholders} - {None}
-    per_storage: dict[object, int] = {}
-    for node in saved_nodes:
-        storage = get_node_storage(node)
-        if storage is not None and storage in input_storages:
-            continue
-        key = storage if storage is not None else id(node)
-        per_storage[key] = max(per_storage.get(key, 0), _bytes(node))
-    return SavedSizes(saved=saved, inputs=inputs, activations=sum(per_storage.values()))
+    # Activations exactly as the ledger (and the run-time count) see them: a saved view keeps
+    # its whole base alive, each base counted once, and a view of an input costs nothing.
+    roots = {alias_root(n) for n in saved_nodes}
+    activations = sum(_bytes(root) for root in roots if root.op != "placeholder")
+    return SavedSizes(saved=saved, inputs=inputs, activations=activations)
 
 
 def rescaled_budget(budget: float, reference: SavedSizes, own: SavedSizes) -> float:
@@ -170,6 +167,9 @@ class ShearPartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        from .cost import register_flop_formulas
+
+        register_flop_formulas()
         recorder = current_recorder.get()
         # The partitioner consumes the joint graph; render it first.
         joint_text = readable_graph(gm) if recorder is not None else ""

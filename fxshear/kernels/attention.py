@@ -56,7 +56,7 @@ import torch
 from .bits import BITS_PER_BYTE, pack_bits, packed_numel  # noqa: F401  (re-exported)
 from .bits import unpack_bits as unpack_flat
 from .dispatch import use_triton
-from .dropout_bits import apply_math, draw_mask
+from .dropout_bits import _check_rng, apply_math, draw_mask, fast_mask
 from .lowering import register_cpu_lowering
 
 TRITON_MAX_HEAD_DIM = 128
@@ -249,22 +249,35 @@ def scores_shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
 @torch.library.custom_op(
     "fxshear::attention_dropout_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
 )
-def attention_dropout_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str) -> torch.Tensor:
+def attention_dropout_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str,
+                           rng: str = "eager") -> torch.Tensor:
     """The mask eager dropout of the attention probabilities of q and k would draw now, packed.
 
     Eager's probabilities are a fresh contiguous tensor in q's dtype, so the draw is made on a
     scratch tensor of that shape and dtype.  Tagged ``nondeterministic_seeded``: the compiler
     neither merges, reorders nor recomputes it (see ``graph/partitioner.py: pin_ops``).
+    ``rng="fast"``: any mask with keep probability ``1 - p`` (see ``dropout_draw``).
     """
     if not 0.0 < dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in (0, 1] to draw a mask, got {dropout_p}")
+    _check_rng(rng)
+    if rng == "fast":
+        return fast_mask(q, dropout_p, scores_shape(q, k))
     noise = torch.empty(scores_shape(q, k), dtype=q.dtype, device=q.device)
     return draw_mask(noise, dropout_p, impl)
 
 
 @attention_dropout_draw.register_fake
-def _attention_dropout_draw_fake(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str) -> torch.Tensor:
+def _attention_dropout_draw_fake(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str,
+                                 rng: str = "eager") -> torch.Tensor:
     return q.new_empty((packed_bits_numel(_scores_numel(q, k)),), dtype=torch.uint8)
+
+
+@register_cpu_lowering(torch.ops.fxshear.attention_dropout_draw.default,
+                       when=lambda args, kwargs: kwargs.get("rng", args[4] if len(args) > 4 else "eager") == "fast")
+def _lower_fast_attention_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str,
+                               rng: str = "eager") -> torch.Tensor:
+    return fast_mask(q, dropout_p, scores_shape(q, k))
 
 
 @torch.library.custom_op("fxshear::attention", mutates_args=())

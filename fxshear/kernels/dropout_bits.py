@@ -143,19 +143,48 @@ def draw_mask(noise: torch.Tensor, p: float, impl: str) -> torch.Tensor:
 # random op (the draws would leave eager's order), nor recompute one (a new mask); see
 # graph/partitioner.py: pin_ops.
 @torch.library.custom_op("fxshear::dropout_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def dropout_draw(x: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+def dropout_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> torch.Tensor:
     """The mask ``F.dropout(x, p, training=True)`` would draw now, packed 8 per byte.
 
     Only x's shape, dtype, device and strides matter.  Drawing is split from applying
     (:func:`dropout_apply`) so that the draw alone has to run in the forward: a compiler may
     recompute the dropout's output in the backward from x and these bits.
+
+    ``rng="fast"`` promises no particular stream, only a mask with keep probability ``1 - p``:
+    compiled on CPU it becomes the compiler's own fused random numbers (see :func:`fast_mask`),
+    where eager's CPU draw is a serial Mersenne-Twister loop (about 11 ns per element).
     """
+    _check_rng(rng)
+    if rng == "fast":
+        return fast_mask(x, p)
     return draw_mask(torch.empty_like(x), p, impl)
 
 
 @dropout_draw.register_fake
-def _dropout_draw_fake(x: torch.Tensor, p: float, impl: str) -> torch.Tensor:
+def _dropout_draw_fake(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> torch.Tensor:
     return x.new_empty((packed_numel(x.numel()),), dtype=torch.uint8)
+
+
+RNG_CHOICES = ("eager", "fast")
+
+
+def _check_rng(rng: str) -> None:
+    if rng not in RNG_CHOICES:
+        raise ValueError(f"rng must be one of {RNG_CHOICES}, got {rng!r}")
+
+
+def fast_mask(like: torch.Tensor, p: float, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A packed keep-mask with keep probability ``1 - p`` from ``torch.rand`` (traceable)."""
+    _check_p(p)
+    size = like.shape if shape is None else shape
+    keep = torch.rand(size, dtype=torch.float32, device=like.device) < (1.0 - p)
+    return pack_bits(keep)
+
+
+@register_cpu_lowering(torch.ops.fxshear.dropout_draw.default,
+                       when=lambda args, kwargs: kwargs.get("rng", args[3] if len(args) > 3 else "eager") == "fast")
+def _lower_fast_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> torch.Tensor:
+    return fast_mask(x, p)
 
 
 @torch.library.custom_op("fxshear::dropout_apply", mutates_args=())

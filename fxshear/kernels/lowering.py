@@ -19,21 +19,28 @@ import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..compat import CustomGraphPass, get_hash_for_files
+from ..compat import CustomGraphPass, get_hash_for_files, native_random
 
 # op overload -> function with the op's own signature, made only of traceable aten math
 _LOWERINGS: dict[object, Callable[..., object]] = {}
+# op overload -> predicate on the call's (args, kwargs): inline only the calls it accepts
+_CONDITIONS: dict[object, Callable[[tuple, dict], bool]] = {}
 
 
-def register_cpu_lowering(op: object) -> Callable[[Callable[..., object]], Callable[..., object]]:
+def register_cpu_lowering(
+    op: object, when: Callable[[tuple, dict], bool] | None = None
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Decorator: ``fn`` (same signature as ``op``) is inlined in place of CPU calls of ``op``.
 
-    ``fn`` must be pure aten math: no ``.item()``, no data-dependent shapes and no random
-    numbers (an RNG call would be re-seeded by Inductor and break eager-equal dropout masks).
+    ``fn`` must be pure aten math: no ``.item()``, no data-dependent shapes, and random numbers
+    only where the op promises no particular stream (Inductor re-seeds them).  ``when``, given
+    a call's args and kwargs, limits the lowering to the calls it accepts.
     """
 
     def wrap(fn: Callable[..., object]) -> Callable[..., object]:
         _LOWERINGS[op] = fn
+        if when is not None:
+            _CONDITIONS[op] = when
         return fn
 
     return wrap
@@ -87,11 +94,17 @@ class LowerOpsOnCpu(CustomGraphPass):
     """Post-grad pass: replace CPU calls of registered fxshear ops by their aten math."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        inlined_random = False
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in _LOWERINGS or not _on_cpu(node):
                 continue
             if _impl_arg(node) == "triton":
                 continue
+            condition = _CONDITIONS.get(node.target)
+            if condition is not None and not condition(node.args, node.kwargs):
+                continue
+            if condition is not None:
+                inlined_random = True  # the conditional lowerings are the fast random draws
             result = _inline(graph, node, _LOWERINGS[node.target])
             if isinstance(result, (tuple, list)):
                 for user in list(node.users):
@@ -103,6 +116,8 @@ class LowerOpsOnCpu(CustomGraphPass):
                 node.replace_all_uses_with(result)
             if not node.users:
                 graph.erase_node(node)
+        if inlined_random and not native_random(graph):
+            raise RuntimeError("this torch has no Inductor random-op rewrite for fxshear's fast dropout draws")
 
     def uuid(self) -> bytes:
         from ..graph.partitioner import fxshear_source_files

@@ -176,7 +176,7 @@ class AttentionPass:
                     # Drawn where eager's dropout draws (after the scores, before anything after
                     # the attention), so the generator is used in eager's order.
                     bits = call(graph, torch.ops.fxshear.attention_dropout_draw.default,
-                                (found.q, found.k, found.dropout_p, cfg.kernels), like=out,
+                                (found.q, found.k, found.dropout_p, cfg.kernels, cfg.dropout_rng), like=out,
                                 pass_name=self.name)
                 fused = call(graph, torch.ops.fxshear.attention.default,
                              (found.q, found.k, found.v, found.mask, bits, found.scale, found.dropout_p,

@@ -45,8 +45,8 @@ class DropoutBitsPass:
                 report.skip(node, reason)
                 continue
             with graph.inserting_before(node):
-                bits = call(graph, torch.ops.fxshear.dropout_draw.default, (x, float(p), cfg.kernels),
-                            like=node, pass_name=self.name)
+                bits = call(graph, torch.ops.fxshear.dropout_draw.default,
+                            (x, float(p), cfg.kernels, cfg.dropout_rng), like=node, pass_name=self.name)
                 y = call(graph, torch.ops.fxshear.dropout_apply.default, (x, bits, float(p), cfg.kernels),
                          like=node, pass_name=self.name)
             node.replace_all_uses_with(y)
