@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     dropout_bits,
     linear_cross_entropy,
     norms,
+    prune,
     returned_linear,
     shared_linear,
 )

@@ -3,7 +3,8 @@
 The order matters where patterns overlap: the fused loss and attention take their whole pattern
 (attention includes its dropout) before the single-op passes look; norms are shared before the
 activation passes check which outputs a Linear saves; ``act_from_output`` claims the activations
-it can invert exactly before ``act2bit`` approximates the rest.
+it can invert exactly before ``act2bit`` approximates the rest; pruning comes last, when it is
+known which Linear inputs nothing else keeps dense.
 """
 
 from .act2bit import Act2BitPass
@@ -12,6 +13,7 @@ from .attention import AttentionPass
 from .base import GraphPass, PassReport, Skip
 from .dropout_bits import DropoutBitsPass
 from .fused_loss import FusedLossPass
+from .prune import PrunePass
 from .share_norms import ShareNormsPass
 
 PASSES: tuple[GraphPass, ...] = (
@@ -21,7 +23,8 @@ PASSES: tuple[GraphPass, ...] = (
     ActFromOutputPass(),
     Act2BitPass(),
     DropoutBitsPass(),
+    PrunePass(),
 )
 
 __all__ = ["PASSES", "Act2BitPass", "ActFromOutputPass", "AttentionPass", "DropoutBitsPass",
-           "FusedLossPass", "GraphPass", "PassReport", "ShareNormsPass", "Skip"]
+           "FusedLossPass", "GraphPass", "PassReport", "PrunePass", "ShareNormsPass", "Skip"]

@@ -1,0 +1,142 @@
+"""Pass: a Linear's saved input is pruned per sample to its largest entries (Back Razor).
+
+``o = linear(x, W, b)`` becomes ``values, bits = fxshear::prune_pack(x, ratio)`` and
+``o = fxshear::pruned_linear(x, values, bits, W, b)``: the forward is unchanged and dense, the
+backward reads the pruned copy for ``dW`` and ``W`` for ``dx`` (exact).  Linears that read one
+``x`` with one ratio share one pruned copy (a LoRA A and its siblings prune their input once).
+
+Pruning only pays where the dense ``x`` is not kept anyway, so the pass leaves a Linear alone
+when something else may keep ``x`` for its backward: a producer that saves its own output
+(softmax, sigmoid, tanh, exp, fxshear's output-saving activations) or another user that is not
+a Linear, a dropout or an addition.  It runs after the exact rewrites, so a norm output shared
+with its Linears (``share_norms``) is never pruned: the norm's backward needs it dense.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx
+
+from ..config import ShearConfig
+from .base import PassReport, excluded, module_path
+from .match import LINEAR_FUNCTIONS, call, is_float_tensor, linear_parts, outputs, requires_grad, tensor_value
+
+NAME = "prune"
+
+
+def _ops() -> None:
+    from ..kernels import prune  # noqa: F401  (registers the ops)
+
+
+def _output_saving_producers() -> set[object]:
+    ops = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, torch.tanh, torch.exp,
+           torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten.sigmoid.default,
+           torch.ops.aten.tanh.default, torch.ops.aten.exp.default}
+    fxshear = getattr(torch.ops, "fxshear", None)
+    if fxshear is not None and hasattr(fxshear, "act_from_output"):
+        ops.add(fxshear.act_from_output.default)
+    return ops
+
+
+def _harmless_users() -> set[object]:
+    """Ops that read x without keeping it for their backward."""
+    users = set(LINEAR_FUNCTIONS) | {operator.add, operator.iadd, torch.add, operator.sub, torch.sub,
+                                     torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
+                                     torch.nn.functional.dropout, torch.dropout}
+    fxshear = getattr(torch.ops, "fxshear", None)
+    for name in ("dropout_draw", "dropout_apply", "pruned_linear", "prune_pack"):
+        if fxshear is not None and hasattr(fxshear, name):
+            users.add(getattr(fxshear, name).default)
+    return users
+
+
+def _producer(node: torch.fx.Node) -> object:
+    """The op that made ``node``, seen through ``getitem`` of a multi-output op."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        return node.args[0].target
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+class PrunePass:
+    """Rewrite Linears whose input is kept only for their weight gradient into pruned Linears."""
+
+    name = NAME
+
+    def applies(self, cfg: ShearConfig) -> bool:
+        return cfg.prune and "linear" in cfg.prune_ops
+
+    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+        _ops()
+        report = PassReport(self.name)
+        graph = gm.graph
+        groups: dict[tuple[torch.fx.Node, float], list[torch.fx.Node]] = defaultdict(list)
+        for node in list(graph.nodes):
+            parts = linear_parts(node)
+            if parts is None:
+                continue
+            reason = self._why_not(node, parts, cfg)
+            if reason:
+                report.skip(node, reason)
+                continue
+            groups[parts[0], cfg.keep_ratio_for(module_path(node))].append(node)
+        saving, harmless = _output_saving_producers(), _harmless_users()
+        for (x, ratio), linears in groups.items():
+            reason = self._why_x_is_kept(x, saving, harmless)
+            if reason:
+                for linear in linears:
+                    report.skip(linear, reason)
+                continue
+            first = linears[0]  # grouped in graph order
+            with graph.inserting_before(first):
+                packed = call(graph, torch.ops.fxshear.prune_pack.default, (x, ratio, cfg.kernels),
+                              like=first, pass_name=self.name)
+            values, bits = outputs(graph, packed, 2, like=first, pass_name=self.name)
+            for linear in linears:
+                _, weight, bias = linear_parts(linear)
+                with graph.inserting_before(linear):
+                    pruned = call(graph, torch.ops.fxshear.pruned_linear.default,
+                                  (x, values, bits, weight, bias, cfg.kernels), like=linear, pass_name=self.name)
+                linear.replace_all_uses_with(pruned)
+                graph.erase_node(linear)
+                report.rewritten.append(f"{linear.name} (keep {ratio:g})")
+        graph.lint()
+        gm.recompile()
+        return report
+
+    @staticmethod
+    def _why_not(node: torch.fx.Node, parts: tuple[torch.fx.Node, torch.fx.Node, object], cfg: ShearConfig) -> str | None:
+        x, weight, _ = parts
+        pattern = excluded(node, cfg)
+        if pattern:
+            return f"module excluded by pattern {pattern!r}"
+        path = module_path(node)
+        for pattern in cfg.prune_exclude:
+            if fnmatch.fnmatchcase(path, pattern):
+                return f"module excluded from pruning by pattern {pattern!r}"
+        if not requires_grad(weight):
+            return "frozen weight: the Linear saves nothing for a weight gradient"
+        if not is_float_tensor(x):
+            return "input is not an fp32/fp16/bf16 tensor"
+        value = tensor_value(x)
+        if value is None or value.dim() < 2:
+            return "input has no sample dimension"
+        if cfg.keep_ratio_for(path) >= 1.0:
+            return "keep_ratio 1.0: nothing to prune"
+        return None
+
+    @staticmethod
+    def _why_x_is_kept(x: torch.fx.Node, saving: set[object], harmless: set[object]) -> str | None:
+        """Why the dense x stays saved whatever this pass does (then a pruned copy only adds)."""
+        if _producer(x) in saving:
+            return f"its input is kept dense by its producer ({_producer(x)}) for that op's backward"
+        for user in x.users:
+            if user.op == "call_function" and user.target in harmless:
+                continue
+            if user.op == "output":
+                continue
+            return f"its input is also read by {user.target}, which may keep it for its backward"
+        return None
