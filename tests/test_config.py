@@ -22,6 +22,11 @@ def test_presets_and_defaults() -> None:
     exact = ShearConfig.from_options(preset="exact")
     assert exact.share_norms and exact.dropout_bits and exact.attention_recompute and exact.fused_loss
     assert exact.act_from_output == "exact_dtypes" and not exact.act2bit
+    assert exact.dropout_rng == "eager" and not exact.prune
+    aggressive = ShearConfig.from_options(preset="aggressive")
+    assert aggressive.prune and aggressive.keep_ratio == 0.1 and aggressive.act_from_output == "off"
+    assert not aggressive.exact
+    assert ShearConfig.from_options(preset="none", prune=True, keep_ratio=1.0).exact  # keeping all is exact
 
 
 @pytest.mark.parametrize(
@@ -40,6 +45,14 @@ def test_presets_and_defaults() -> None:
         ({"kernels": "cuda"}, "kernels must be one of 'auto', 'torch', 'triton'"),
         ({"on_error": "ignore"}, "on_error must be one of 'fallback', 'raise'"),
         ({"exclude": [""]}, "exclude must be a sequence of non-empty strings"),
+        ({"dropout_rng": "philox"}, "dropout_rng must be one of 'eager', 'fast'"),
+        ({"keep_ratio": 0}, "keep_ratio must be a number in (0, 1]"),
+        ({"keep_ratios": {"fc*": 2}}, "keep_ratios['fc*'] must be a number in (0, 1]"),
+        ({"keep_ratios": 0.5}, "keep_ratios must be a {module pattern: ratio} mapping"),
+        ({"prune": "yes"}, "prune must be True or False"),
+        ({"prune_ops": ["softmax"]}, "is not built yet"),
+        ({"prune_ops": ["conv"]}, "prune_ops entries must be among 'linear'"),
+        ({"prune_exclude": [""]}, "prune_exclude must be a sequence of non-empty strings"),
     ],
 )
 def test_bad_options_name_the_field(options: dict, message: str) -> None:
