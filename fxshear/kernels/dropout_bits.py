@@ -154,7 +154,7 @@ def dropout_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> to
     compiled on CPU it becomes the compiler's own fused random numbers (see :func:`fast_mask`),
     where eager's CPU draw is a serial Mersenne-Twister loop (about 11 ns per element).
     """
-    _check_rng(rng)
+    check_rng(rng)
     if rng == "fast":
         return fast_mask(x, p)
     return draw_mask(torch.empty_like(x), p, impl)
@@ -168,7 +168,7 @@ def _dropout_draw_fake(x: torch.Tensor, p: float, impl: str, rng: str = "eager")
 RNG_CHOICES = ("eager", "fast")
 
 
-def _check_rng(rng: str) -> None:
+def check_rng(rng: str) -> None:
     if rng not in RNG_CHOICES:
         raise ValueError(f"rng must be one of {RNG_CHOICES}, got {rng!r}")
 
@@ -182,7 +182,8 @@ def fast_mask(like: torch.Tensor, p: float, shape: tuple[int, ...] | None = None
 
 
 @register_cpu_lowering(torch.ops.fxshear.dropout_draw.default,
-                       when=lambda args, kwargs: kwargs.get("rng", args[3] if len(args) > 3 else "eager") == "fast")
+                       when=lambda args, kwargs: kwargs.get("rng", args[3] if len(args) > 3 else "eager") == "fast",
+                       uses_rng=True)
 def _lower_fast_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> torch.Tensor:
     return fast_mask(x, p)
 

@@ -25,22 +25,27 @@ from ..compat import CustomGraphPass, get_hash_for_files, native_random
 _LOWERINGS: dict[object, Callable[..., object]] = {}
 # op overload -> predicate on the call's (args, kwargs): inline only the calls it accepts
 _CONDITIONS: dict[object, Callable[[tuple, dict], bool]] = {}
+# ops whose lowering draws random numbers (Inductor must then rewrite them to its seeded ops)
+_USES_RNG: set[object] = set()
 
 
 def register_cpu_lowering(
-    op: object, when: Callable[[tuple, dict], bool] | None = None
+    op: object, when: Callable[[tuple, dict], bool] | None = None, uses_rng: bool = False
 ) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Decorator: ``fn`` (same signature as ``op``) is inlined in place of CPU calls of ``op``.
 
     ``fn`` must be pure aten math: no ``.item()``, no data-dependent shapes, and random numbers
     only where the op promises no particular stream (Inductor re-seeds them).  ``when``, given
-    a call's args and kwargs, limits the lowering to the calls it accepts.
+    a call's args and kwargs, limits the lowering to the calls it accepts; ``uses_rng`` marks a
+    lowering that draws random numbers.
     """
 
     def wrap(fn: Callable[..., object]) -> Callable[..., object]:
         _LOWERINGS[op] = fn
         if when is not None:
             _CONDITIONS[op] = when
+        if uses_rng:
+            _USES_RNG.add(op)
         return fn
 
     return wrap
@@ -103,8 +108,7 @@ class LowerOpsOnCpu(CustomGraphPass):
             condition = _CONDITIONS.get(node.target)
             if condition is not None and not condition(node.args, node.kwargs):
                 continue
-            if condition is not None:
-                inlined_random = True  # the conditional lowerings are the fast random draws
+            inlined_random = inlined_random or node.target in _USES_RNG
             result = _inline(graph, node, _LOWERINGS[node.target])
             if isinstance(result, (tuple, list)):
                 for user in list(node.users):
