@@ -29,16 +29,14 @@ NAME = "prune"
 
 
 def _ops() -> None:
-    from ..kernels import prune  # noqa: F401  (registers the ops)
+    from .. import kernels  # noqa: F401  (registers every fxshear op these sets name)
 
 
 def _output_saving_producers() -> set[object]:
     ops = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, torch.tanh, torch.exp,
            torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten.sigmoid.default,
            torch.ops.aten.tanh.default, torch.ops.aten.exp.default}
-    fxshear = getattr(torch.ops, "fxshear", None)
-    if fxshear is not None and hasattr(fxshear, "act_from_output"):
-        ops.add(fxshear.act_from_output.default)
+    ops.add(torch.ops.fxshear.act_from_output.default)
     return ops
 
 
@@ -47,10 +45,9 @@ def _harmless_users() -> set[object]:
     users = set(LINEAR_FUNCTIONS) | {operator.add, operator.iadd, torch.add, operator.sub, torch.sub,
                                      torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
                                      torch.nn.functional.dropout, torch.dropout}
-    fxshear = getattr(torch.ops, "fxshear", None)
-    for name in ("dropout_draw", "dropout_apply", "pruned_linear", "prune_pack"):
-        if fxshear is not None and hasattr(fxshear, name):
-            users.add(getattr(fxshear, name).default)
+    fxshear = torch.ops.fxshear
+    users |= {fxshear.dropout_draw.default, fxshear.dropout_apply.default, fxshear.pruned_linear.default,
+              fxshear.prune_pack.default}
     return users
 
 
