@@ -208,13 +208,34 @@ def no_codegen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any
     return make_boxed_func(gm.forward)
 
 
+# What Dynamo attaches to its graph outside node meta (pytorch/pytorch#141640), which AOTAutograd
+# reads to tell parameters from activations: without it a copy is "not captured by Dynamo", its
+# parameters lose their static lifetime, and the min-cut then pays to save what a parameter gives
+# for free (MiniLM at budget 0.1 kept its embedding outputs instead of the embedding weight).
+_DYNAMO_MODULE_ATTRIBUTES = ("_param_name_to_source", "_source_to_user_stacks")
+_DYNAMO_PLACEHOLDER_ATTRIBUTE = "_dynamo_source"
+
+
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``gm`` that shares its submodules; node meta is copied shallowly."""
+    """A copy of ``gm`` that shares its submodules and keeps what Dynamo recorded on it.
+
+    Node meta is copied shallowly; the module's meta and Dynamo's attributes (parameter sources,
+    placeholder sources) come along, so AOTAutograd treats the copy exactly as Dynamo's graph.
+    """
     graph = torch.fx.Graph()
     graph._codegen = gm.graph._codegen
-    output = graph.graph_copy(gm.graph, {})
+    value_remap: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(gm.graph, value_remap)
     graph.output(output)
-    return torch.fx.GraphModule(gm, graph)
+    for old, new in value_remap.items():
+        if hasattr(old, _DYNAMO_PLACEHOLDER_ATTRIBUTE):
+            setattr(new, _DYNAMO_PLACEHOLDER_ATTRIBUTE, getattr(old, _DYNAMO_PLACEHOLDER_ATTRIBUTE))
+    copy = torch.fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    for name in _DYNAMO_MODULE_ATTRIBUTES:
+        if hasattr(gm, name):
+            setattr(copy, name, getattr(gm, name))
+    return copy
 
 
 def _origin(node: torch.fx.Node) -> Origin:

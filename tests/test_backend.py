@@ -179,3 +179,38 @@ def test_inference_is_not_rewritten() -> None:
         torch.compile(example.model, backend=backend)(**example.make_batch(2, 16))
     assert backend.regions[0].pass_reports == []
     assert fxshear.ledger(example.model).regions == []
+
+
+def test_graph_copies_keep_what_dynamo_recorded() -> None:
+    """Passes and the budget reference work on copies; AOTAutograd must still see Dynamo's graph
+    (parameters of static lifetime), or the min-cut pays to save what a parameter gives for free."""
+    from fxshear.region import copy_graph_module
+
+    seen: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:  # noqa: ANN001
+        seen.append(gm)
+        return gm.forward
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    torch.compile(model, backend=capture)(torch.randn(2, 4))
+    original = seen[0]
+    copy = copy_graph_module(original)
+    assert copy.meta.get("dynamo_compile_id") == original.meta["dynamo_compile_id"]
+    assert copy._param_name_to_source == original._param_name_to_source
+    sources = [p._dynamo_source for p in copy.graph.find_nodes(op="placeholder")]
+    assert sources == [p._dynamo_source for p in original.graph.find_nodes(op="placeholder")]
+
+
+def test_budget_reference_is_what_the_unrewritten_graph_saves_under_inductor() -> None:
+    """The reference a budget is read against equals a preset="none" backend's own partition."""
+    example = build_model("minilm", dropout=True)
+    batch = example.make_batch(8, 128, seed=1)  # smaller, the knapsack never reaches the embeddings
+    saved = {}
+    for preset in ("none", "exact"):
+        torch._dynamo.reset()
+        backend = fxshear.ShearBackend(ShearConfig.from_options(preset=preset, memory_budget=0.1), codegen=False)
+        torch.compile(example.model, backend=backend)(**batch).backward()
+        (region,) = backend.regions
+        saved[preset] = region.ledger.activation_bytes if preset == "none" else region.reference.activations
+    assert saved["exact"] == saved["none"]
