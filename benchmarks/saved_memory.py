@@ -1,6 +1,7 @@
 """Saved-for-backward memory and step time: eager vs torch.compile vs fxshear, one process run.
 
-    python benchmarks/saved_memory.py [--models minilm,llama] [--steps N] [--quick] [--out DIR]
+    python benchmarks/saved_memory.py [--suite exact|pruning] [--models minilm,llama] [--steps N]
+                                      [--quick] [--out DIR]
 
 Why one process: on a small CPU machine a cold Inductor compile of MiniLM takes minutes, so every
 configuration compiles exactly once and nothing else runs (parallel jobs would make the step
@@ -132,7 +133,21 @@ CONFIGS: list[BenchConfig] = [
     BenchConfig("fxshear exact fast-rng budget=0.1", _with_fxshear("exact", dropout_rng="fast", memory_budget=0.1),
                 uses_fxshear=True),
     BenchConfig("fxshear balanced", _with_fxshear("balanced"), uses_fxshear=True),
+    # Pruning (Back Razor): the aggressive preset at several keep ratios; 0.1 is its default.
+    *[BenchConfig(f"fxshear aggressive keep={ratio:g}", _with_fxshear("aggressive", keep_ratio=ratio),
+                  uses_fxshear=True) for ratio in (0.5, 0.2, 0.1, 0.05)],
+    BenchConfig("fxshear aggressive budget=0.5", _with_fxshear("aggressive", memory_budget=0.5), uses_fxshear=True),
+    BenchConfig("fxshear aggressive budget=0.1", _with_fxshear("aggressive", memory_budget=0.1), uses_fxshear=True),
 ]
+
+_BASELINES = ("eager", BASELINE, "torch.compile budget=0.5", "torch.compile budget=0.1")
+SUITES: dict[str, tuple[str, ...]] = {
+    # The exact rewrites (and balanced) against Inductor with and without its memory budget.
+    "exact": (*_BASELINES, *[c.name for c in CONFIGS if c.name.startswith(("fxshear exact", "fxshear balanced"))]),
+    # Pruning at keep ratios 0.5 / 0.2 / 0.1 / 0.05 and under budgets, with exact for context.
+    "pruning": (*_BASELINES, "fxshear exact", *[c.name for c in CONFIGS if c.name.startswith("fxshear aggressive")]),
+}
+SUITE_OUT = {"exact": DEFAULT_OUT, "pruning": DEFAULT_OUT / "pruning"}
 
 
 @dataclass(frozen=True)
@@ -482,6 +497,9 @@ NOTES = [
     "compile: the first step.",
     "first loss: loss of the first step after torch.manual_seed(0); with dropout on, eager and "
     "Inductor draw dropout masks differently, so only compiled exact rows are expected to match.",
+    "aggressive rows: pruning (Back Razor) at the keep ratio named, 2-bit GELU/SiLU codes and "
+    "the exact rewrites; their dropout masks come from the compiler's RNG (dropout_rng='fast'), "
+    "like torch.compile's, so their first loss differs from the exact rows'.",
     "peak RSS of the step: each row again in its own fresh process (warm Inductor cache), one "
     "warm-up step, then the kernel's peak-RSS mark (VmHWM) is reset and 3 steps run; the "
     "column is that peak (model, batch and step; compile-time memory excluded) and, in the JSON, "
@@ -578,8 +596,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-of", default=None, metavar="CONFIG",
                         help="internal: measure one configuration's step peak RSS in this process "
                         "and print it as JSON")
+    parser.add_argument("--suite", default="exact", choices=SUITES,
+                        help="which rows: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SUITES.items()))
     parser.add_argument("--configs", default=None, metavar="NAMES",
-                        help="comma-separated subset of the rows to run (default: all): "
+                        help="comma-separated rows to run instead of a suite's: "
                         + ", ".join(c.name for c in CONFIGS))
     parser.add_argument("--no-peaks", action="store_true",
                         help="skip the per-row fresh-process peak memory runs")
@@ -591,16 +611,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in FULL_MODELS]
     if unknown or not args.models:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(FULL_MODELS)}")
-    args.configs = [c for c in CONFIGS if args.configs is None
-                    or c.name in {n.strip() for n in args.configs.split(",")}]
-    if not args.configs:
-        parser.error("--configs: no row of that name")
+    if args.configs is None:
+        args.configs = [c for c in CONFIGS if c.name in SUITES[args.suite]]
+    else:
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+        unknown = sorted(set(names) - {c.name for c in CONFIGS})
+        if unknown or not names:
+            parser.error(f"--configs: no row named {unknown or names}")
+        args.configs = [c for c in CONFIGS if c.name in names]
     if args.steps is None:
         args.steps = 2 if args.quick else 6
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.out is None:
-        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+        args.out = QUICK_OUT if args.quick else SUITE_OUT[args.suite]
     return args
 
 
@@ -640,7 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = "python benchmarks/saved_memory.py " + " ".join(
         (["--quick"] if args.quick else []) + [f"--models {','.join(args.models)}",
                                                f"--steps {args.steps}"]
-        + ([f"--configs '{','.join(c.name for c in configs)}'"] if len(configs) < len(CONFIGS) else []))
+        + ([f"--configs '{','.join(c.name for c in configs)}'"]
+           if [c.name for c in configs] != [c.name for c in CONFIGS if c.name in SUITES[args.suite]]
+           else [f"--suite {args.suite}"]))
     results["models"] = {label: [asdict(r) for r in rows] for label, rows in all_rows.items()}
 
     for label, rows in all_rows.items():

@@ -25,6 +25,7 @@ def test_presets_and_defaults() -> None:
     assert exact.dropout_rng == "eager" and not exact.prune
     aggressive = ShearConfig.from_options(preset="aggressive")
     assert aggressive.prune and aggressive.keep_ratio == 0.1 and aggressive.act_from_output == "off"
+    assert aggressive.dropout_rng == "fast" and ShearConfig.from_options(preset="exact").dropout_rng == "eager"
     assert not aggressive.exact
     assert ShearConfig.from_options(preset="none", prune=True, keep_ratio=1.0).exact  # keeping all is exact
 
