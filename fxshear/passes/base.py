@@ -25,6 +25,7 @@ class Skip:
 
     node: str
     reason: str
+    module: str = ""  # the user's module path, when the node came from one
 
 
 @dataclass
@@ -39,8 +40,9 @@ class PassReport:
 
     def skip(self, node: torch.fx.Node, reason: str) -> None:
         """Record and log a pattern the pass leaves alone."""
-        self.skipped.append(Skip(node.name, reason))
-        log.info("fxshear %s: left %s alone: %s", self.name, node.name, reason)
+        module = module_path(node)
+        self.skipped.append(Skip(node.name, reason, module))
+        log.info("fxshear %s: left %s%s alone: %s", self.name, node.name, f" ({module})" if module else "", reason)
 
     def note(self, message: str) -> None:
         """Record and log something the pass could not match at all."""
@@ -51,7 +53,7 @@ class PassReport:
         return {
             "name": self.name,
             "rewritten": list(self.rewritten),
-            "skipped": [{"node": s.node, "reason": s.reason} for s in self.skipped],
+            "skipped": [{"node": s.node, "module": s.module, "reason": s.reason} for s in self.skipped],
             "notes": list(self.notes),
             "error": self.error,
         }
@@ -99,7 +101,13 @@ def _clean_module_path(path: str) -> str:
     subscripts (``layer[0]``); exclude patterns are written against ``model.named_modules()``.
     """
     path = _DYNAMO_ROOT.sub("", path, count=1)
-    return path.replace("[", ".").replace("]", "").replace("'", "")
+    path = path.replace("[", ".").replace("]", "").replace("'", "")
+    return _MODULE_DICT_ACCESS.sub(r"\1", path)
+
+
+# Dynamo spells a child reached through the module dict (PEFT's wrappers) as
+# ``__dict__['_modules']['base_model']``: not part of the path named_modules() gives.
+_MODULE_DICT_ACCESS = re.compile(r"(^|\.)(?:__dict__\.)?_modules\.")
 
 
 def excluded(node: torch.fx.Node, cfg: ShearConfig) -> str | None:

@@ -81,7 +81,11 @@ class PrunePass:
                 continue
             groups[parts[0], cfg.keep_ratio_for(module_path(node))].append(node)
         saving, harmless = _output_saving_producers(), _harmless_users()
+        # A pruned Linear's output may be another group's input (LoRA A feeding LoRA B): groups run
+        # in graph order, and a group whose input was rewritten reads the rewritten node.
+        replaced: dict[torch.fx.Node, torch.fx.Node] = {}
         for (x, ratio), linears in groups.items():
+            x = replaced.get(x, x)
             reason = self._why_x_is_kept(x, saving, harmless)
             if reason:
                 for linear in linears:
@@ -92,14 +96,19 @@ class PrunePass:
                 packed = call(graph, torch.ops.fxshear.prune_pack.default, (x, ratio, cfg.kernels),
                               like=first, pass_name=self.name)
             values, bits = outputs(graph, packed, 2, like=first, pass_name=self.name)
+            paths = []
             for linear in linears:
                 _, weight, bias = linear_parts(linear)
                 with graph.inserting_before(linear):
                     pruned = call(graph, torch.ops.fxshear.pruned_linear.default,
                                   (x, values, bits, weight, bias, cfg.kernels), like=linear, pass_name=self.name)
+                paths.append(module_path(linear) or linear.name)
+                replaced[linear] = pruned
                 linear.replace_all_uses_with(pruned)
                 graph.erase_node(linear)
-                report.rewritten.append(f"{linear.name} (keep {ratio:g})")
+            # One entry per pruned copy: Linears reading one input (a LoRA A per adapter) share it.
+            report.rewritten.append(f"{x.name} pruned once (keep {ratio:g}) for {len(linears)} linear: "
+                                    + ", ".join(paths))
         graph.lint()
         gm.recompile()
         return report
