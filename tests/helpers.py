@@ -35,6 +35,8 @@ def with_2bit_activations(model: torch.nn.Module) -> torch.nn.Module:
             replacement = _Approx(silu2)
         elif isinstance(module, activations.GELUActivation):
             replacement = _Approx(gelu2)
+        elif isinstance(module, activations.NewGELUActivation):  # gelu_new: the tanh formula
+            replacement = _Approx(lambda x: gelu2(x, "tanh"))
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             parent = ref.get_submodule(parent_name) if parent_name else ref
