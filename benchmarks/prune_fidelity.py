@@ -59,8 +59,11 @@ def _load_example() -> Any:
     """examples/finetune_minilm.py as a module: its data split, training loop and evaluation."""
     path = REPO_ROOT / "examples" / "finetune_minilm.py"
     spec = importlib.util.spec_from_file_location("finetune_minilm", path)
+    if spec.name in sys.modules:
+        return sys.modules[spec.name]
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -202,7 +205,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Pruning fidelity: gradients and a short fine-tune against exact backprop",
         "",
-        f"Machine: {machine['processor']}, {machine['cpu_count']} cores, torch {machine['torch']}, "
+        f"Machine: {machine['processor']} ({machine.get('cpu_capability', '?')}), {machine['cpu_count']} cores, "
+        f"torch {machine['torch']}, "
         f"fxshear {machine['fxshear']} at {machine['git_commit']}, {machine['date']}.",
         f"Command: `{results['command']}` ({results['wall_s']:.0f} s).",
         "",
@@ -228,15 +232,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"seq {results['fine_tune_seq']}, same batches and seed",
         "",
         "train loss = mean of the last 5 steps; ratios against exact.  torch.compile differs from "
-        "exact only by its dropout masks: its spread is the noise floor of these numbers.",
+        "exact only by its dropout masks: its spread is the noise floor of these numbers.  Step "
+        "times are not reported here (other jobs may share the machine); see saved_memory.md.",
         "",
-        "| run | train loss | vs exact | held-out loss | vs exact | held-out accuracy | saved MiB/step | step s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | train loss | vs exact | held-out loss | vs exact | held-out accuracy | saved MiB/step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in tune.items():
         lines.append(f"| {name} | {r['final_train_loss']:.4f} | {r['final_loss_vs_exact']:.3f}× | "
                      f"{r['held_out_loss']:.4f} | {r['held_out_loss_vs_exact']:.3f}× | "
-                     f"{r['held_out_accuracy']:.1%} | {r['activation_mib']:.1f} | {r['step_s_median']:.3f} |")
+                     f"{r['held_out_accuracy']:.1%} | {r['activation_mib']:.1f} |")
     every = max(1, results["steps"] // 10)
     lines += ["", "Training loss every %d steps:" % every, "",
               "| step | " + " | ".join(tune) + " |", "|---:|" + "---:|" * len(tune)]
@@ -257,6 +262,8 @@ def rich_table(results: dict[str, Any]) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only rewrite the Markdown table of an earlier run's JSON")
     parser.add_argument("--steps", type=int, default=100, help="fine-tune steps per run")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128, help="sequence length of the gradient batch")
@@ -266,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: 6 steps, batch 4, seq 32, output in /tmp")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.render is not None:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     if args.quick:
         args.steps, args.batch, args.seq, args.fine_tune_seq = 6, 4, 32, 32
         args.keep_ratios = "0.1"
