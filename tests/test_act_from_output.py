@@ -28,6 +28,7 @@ from fxshear.kernels.act_from_output import (
     unpack_bits,
 )
 from fxshear.kernels.lowering import lowerable_ops
+from helpers import eager_forward_error, eager_nan_at_inf
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FUNCTIONS = [("gelu", "none"), ("gelu", "tanh"), ("silu", "none")]
@@ -211,13 +212,16 @@ def test_backward_matches_eager_away_from_the_minimum(dtype: torch.dtype, kind: 
     ours, eager = ours_grad(x, ones, kind, approximate), eager_grad(x, ones, kind, approximate)
     away = (x.double() - INVERSIONS[(kind, approximate)].x_min).abs() >= AWAY
     diff = (ours.double() - eager.double()).abs()
-    assert diff[away].max() <= AWAY_TOLERANCE[dtype]
+    # The inversion reads eager's output: an error δ there moves the recovered f' by |f''/f'|·δ,
+    # at most ~2δ this far from the minimum.
+    tolerance = AWAY_TOLERANCE[dtype] + 2 * eager_forward_error(kind, approximate, dtype)
+    assert diff[away].max() <= tolerance
     # ... and with a random gradient the product is just as close (fp32 multiply, one rounding).
     grad = torch.randn(x.shape).to(dtype)
     ours_g, eager_g = ours_grad(x, grad, kind, approximate), eager_grad(x, grad, kind, approximate)
     gdiff = (ours_g.double() - eager_g.double()).abs()
     scale = grad.double().abs().clamp(min=1)
-    assert (gdiff[away] / scale[away]).max() <= 2 * AWAY_TOLERANCE[dtype]
+    assert (gdiff[away] / scale[away]).max() <= 2 * tolerance
 
 
 @pytest.mark.parametrize(("kind", "approximate"), FUNCTIONS)
@@ -247,7 +251,8 @@ def test_extreme_and_nonfinite_inputs(kind: str, approximate: str) -> None:
     dx = ours_grad(x, torch.ones_like(x), kind, approximate)
     y = activation(x, kind, approximate)
     # +inf: the limit 1 (eager: NaN); NaN stays NaN; huge x: 1 or 0; y = -0 on the left: 0, not NaN.
-    assert dx[0] == 1.0
+    # Where eager's own forward gives NaN at +inf (AVX512 erf GELU), that NaN output propagates.
+    assert dx[0] == 1.0 or (eager_nan_at_inf(kind, approximate, x.dtype) and dx[0].isnan())
     assert dx[2].isnan()
     assert dx[1].isnan() == y[1].isnan()  # GELU(-inf) is NaN in eager (-inf * 0), SiLU(-inf) is -0
     if not y[1].isnan():
@@ -377,7 +382,8 @@ def test_cpu_lowering_traces_to_the_op(dtype: torch.dtype, kind: str, approximat
     assert torch.equal(tflag, flag)
     # gelu/silu are decomposed into erf/exp math here: eager's fused kernel uses its own erf/exp
     # approximations, so values differ by an ulp, and by ~1e-7 absolute in the cancelling left tail.
-    torch.testing.assert_close(ty, y, rtol=2 * torch.finfo(dtype).eps, atol=5e-7)
+    atol = max(5e-7, 1.5 * eager_forward_error(kind, approximate, dtype))  # eager's error on this CPU
+    torch.testing.assert_close(ty, y, rtol=2 * torch.finfo(dtype).eps, atol=atol)
 
     backward = make_fx(lambda g, t, f: afo.lower_backward(g, t, f, kind, approximate, "auto"),
                        decomposition_table=select_decomp_table())(grad, y, flag)
@@ -407,5 +413,8 @@ def test_exact_dtypes_agree_with_a_fresh_measurement() -> None:
         if m.dtype != "float32":  # ... and the inversion is within 5% of it (measured: 0.3-4.8%)
             assert m.inversion_max <= 1.08 * m.floor
         # away from the minimum: at the dtype's rounding level (fp32: torch's own forward is only
-        # accurate to ~1.5e-7 absolute, which the inversion turns into up to ~1e-6 in the tail)
-        assert m.inversion_away_max <= max(1.6 * m.eager_away_max, 1e-6)
+        # accurate to ~1.5e-7 absolute on AVX2 builds, 1.2e-6 on AVX512 ones, which the inversion
+        # turns into up to ~2.5x that in the tail)
+        kind, _, approximate = m.function.partition(" ")
+        forward_error = eager_forward_error(kind, approximate or "none", getattr(torch, m.dtype))
+        assert m.inversion_away_max <= max(1.6 * m.eager_away_max, 1e-6) + 2.5 * forward_error

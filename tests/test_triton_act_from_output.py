@@ -30,6 +30,7 @@ from fxshear.kernels.act_from_output_triton import (  # noqa: E402
     act_from_output_backward_triton,
     act_from_output_forward_triton,
 )
+from helpers import eager_forward_error, eager_nan_at_inf  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,7 +90,8 @@ def assert_y_close(y, x, kind, approximate):
     ok = ~expected.isnan()
     # An ulp of the dtype; but absolute (1e-7 * |x|) in the left tail, where 1 + erf/tanh cancels.
     rtol = max(3e-7, torch.finfo(y.dtype).eps)
-    torch.testing.assert_close(y[ok], expected[ok], rtol=rtol, atol=5e-7)
+    atol = max(5e-7, 1.5 * eager_forward_error(kind, approximate, y.dtype))  # eager's error on this CPU
+    torch.testing.assert_close(y[ok], expected[ok], rtol=rtol, atol=atol)
 
 
 def assert_backward_close(dx, expected):
@@ -154,7 +156,11 @@ def test_special_values(kind, approximate, dtype):
     y, flag = act_from_output_forward_triton(x, kind, approximate)
     ref_y, ref_flag = afo.forward_reference(x.cpu(), kind, approximate)
     assert torch.equal(flag.cpu(), ref_flag)
-    assert_same_nans(y.cpu(), ref_y)
+    if eager_nan_at_inf(kind, approximate, dtype):  # eager's vectorized f(+inf) is NaN here; ours is +inf
+        assert y.cpu()[0] == math.inf and ref_y[0].isnan()
+        assert_same_nans(y.cpu()[1:], ref_y[1:])
+    else:
+        assert_same_nans(y.cpu(), ref_y)
     grad = torch.tensor([1.0, 1.0, 1.0, math.nan, math.inf, -0.0] * 3).to(dtype).to(DEVICE)
     dx = act_from_output_backward_triton(grad, ref_y.to(DEVICE), ref_flag.to(DEVICE), kind, approximate)
     assert_backward_close(dx, afo.backward_reference(grad.cpu(), ref_y, ref_flag, kind, approximate))
