@@ -200,3 +200,33 @@ def test_gradients_through_the_returned_logits_still_flow() -> None:
     example.model.zero_grad(set_to_none=True)
     total(torch.compile(example.model, backend=analysis_backend())(**batch)).backward()
     assert_grads_close_in_norm(grads(example.model), eager_grads, rel=2e-5, floor=1e-4)
+
+
+def test_sdpa_with_dropout_keeps_no_probabilities_and_equals_eager() -> None:
+    """HF's default attention (SDPA) with dropout falls back to math on CPU and keeps the
+    probabilities; fxshear's op replaces it, with eager's masks, gradients and loss."""
+    example = build_model("minilm", dropout=True, attn_implementation="sdpa")
+    batch, heads = example.make_batch(2, 24, seed=1), 12
+    backend = analysis_backend()
+    rewritten = compare_with_eager(example, batch, backend)
+    assert rewritten["attention"] == 6
+
+    def square(backend: fxshear.ShearBackend) -> list:  # noqa: ANN001
+        return [e for e in _activation_entries(backend) if len(e.shape) >= 3 and e.shape[-1] == e.shape[-2] == 24
+                and e.dtype != "uint8" and e.shape[-3] in (heads, 2 * heads)]
+
+    assert not square(backend), square(backend)
+    torch._dynamo.reset()
+    plain = analysis_backend("none")
+    torch.compile(example.model, backend=plain)(**batch).backward()
+    assert len(square(plain)) >= 6  # without the rewrite SDPA's math path keeps them
+
+
+def test_sdpa_without_dropout_is_left_alone_with_a_reason() -> None:
+    example = build_model("minilm", dropout=False, attn_implementation="sdpa")
+    backend = analysis_backend()
+    torch.compile(example.model, backend=backend)(**example.make_batch(2, 16, seed=1)).backward()
+    (report,) = [r for region in backend.regions for r in region.pass_reports if r.name == "attention"]
+    assert not report.rewritten
+    assert {s.reason for s in report.skipped} == {
+        "SDPA without dropout runs the CPU flash kernel, which keeps no probabilities"}

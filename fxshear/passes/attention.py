@@ -3,7 +3,8 @@
 Hugging Face's eager attention (BERT, GPT-2, LLaMA, ViT) traces to
 ``matmul(q, kᵀ) · scale [+ mask] → softmax → [cast] → [dropout] → matmul(·, v)``.  Inductor then
 saves the softmax output, the dropped-out probabilities and the byte-per-element dropout mask:
-three ``[batch, heads, q, k]`` tensors per layer.  The op keeps q, k, v (saved anyway for the
+three ``[batch, heads, q, k]`` tensors per layer; so does ``F.scaled_dot_product_attention`` with
+dropout on CPU, which falls back to the same math.  The op keeps q, k, v (saved anyway for the
 matmul gradients), the fp32 row log-sum-exp and a 1-bit dropout mask drawn exactly as eager
 draws it, and rebuilds the probabilities in backward.
 """
@@ -44,6 +45,7 @@ class AttentionMatch:
     scale: float
     dropout_p: float
     chain: list[torch.fx.Node]  # scores ... output matmul, in graph order
+    boolean_mask: bool = False  # SDPA's True-means-attend mask, made additive by the pass
 
     @property
     def output(self) -> torch.fx.Node:
@@ -144,6 +146,54 @@ def match_attention(softmax: torch.fx.Node) -> AttentionMatch | str | None:
                           chain=chain)
 
 
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+
+
+def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
+    """``F.scaled_dot_product_attention`` where it keeps the probabilities for backward.
+
+    On CPU with dropout, SDPA falls back to its math path, which saves the softmax output, the
+    dropped-out probabilities and the byte mask like eager attention; its dropout draws the mask
+    as eager ``F.dropout`` of the probabilities does, so the op reproduces it.  Without dropout
+    the CPU flash kernel runs (it keeps only the log-sum-exp), and on CUDA fused kernels do:
+    there the call is left alone.
+    """
+    if not is_function(node, *_SDPA):
+        return None
+    q, k, v = (argument(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    mask = argument(node, 3, "attn_mask")
+    dropout_p = argument(node, 4, "dropout_p", 0.0)
+    is_causal = argument(node, 5, "is_causal", False)
+    scale = node.kwargs.get("scale")
+    if node.kwargs.get("enable_gqa", False):
+        return "SDPA with enable_gqa (grouped k/v heads) is not rewritten"
+    if not isinstance(dropout_p, (int, float)) or not isinstance(is_causal, bool):
+        return "SDPA arguments are not constants"
+    if is_causal:
+        return "causal SDPA (is_causal=True) is not rewritten; its CPU kernels keep no probabilities without dropout"
+    value = tensor_value(q)
+    if value is None or value.dim() != 4:
+        return "SDPA inputs are not 4-D [batch, heads, seq, dim] tensors"
+    if value.device.type != "cpu":
+        return f"on {value.device.type} SDPA runs a fused kernel that keeps no probabilities"
+    if dropout_p == 0:
+        return "SDPA without dropout runs the CPU flash kernel, which keeps no probabilities"
+    mask_value = tensor_value(mask) if isinstance(mask, torch.fx.Node) else None
+    boolean_mask = mask_value is not None and mask_value.dtype == torch.bool
+    if mask is not None and not (boolean_mask or (isinstance(mask, torch.fx.Node) and is_float_tensor(mask))):
+        return "SDPA's attn_mask is neither boolean nor an fp32/fp16/bf16 additive mask"
+    if isinstance(mask, torch.fx.Node) and requires_grad(mask):
+        return "the attention mask requires grad"
+    if scale is None:
+        if not isinstance(value.shape[-1], int):
+            return "the head dimension is symbolic, so SDPA's default scale is not a constant"
+        scale = value.shape[-1] ** -0.5
+    elif not isinstance(scale, (int, float)):
+        return "the SDPA scale is not a constant number"
+    return AttentionMatch(q=q, k=k, v=v, mask=mask, scale=float(scale), dropout_p=float(dropout_p), chain=[node],
+                          boolean_mask=boolean_mask)
+
+
 class AttentionPass:
     """Rewrite eager attention into ``fxshear::attention`` (probabilities recomputed in backward)."""
 
@@ -159,7 +209,7 @@ class AttentionPass:
         for node in list(graph.nodes):
             if node.graph is not graph:
                 continue
-            found = match_attention(node)
+            found = match_attention(node) or match_sdpa(node)
             if found is None:
                 continue
             if isinstance(found, str):
@@ -171,6 +221,13 @@ class AttentionPass:
                 continue
             out = found.output
             with graph.inserting_before(out):
+                mask = found.mask
+                if found.boolean_mask:
+                    # True = attend.  finfo.min rather than -inf: the same probabilities wherever a
+                    # row attends to something; a row that attends to nothing comes out uniform
+                    # (as eager attention's additive masks give) rather than NaN.
+                    mask = call(graph, torch.where, (mask, 0.0, torch.finfo(torch.float32).min), like=out,
+                                pass_name=self.name)
                 bits = None
                 if found.dropout_p > 0:
                     # Drawn where eager's dropout draws (after the scores, before anything after
@@ -179,7 +236,7 @@ class AttentionPass:
                                 (found.q, found.k, found.dropout_p, cfg.kernels, cfg.dropout_rng), like=out,
                                 pass_name=self.name)
                 fused = call(graph, torch.ops.fxshear.attention.default,
-                             (found.q, found.k, found.v, found.mask, bits, found.scale, found.dropout_p,
+                             (found.q, found.k, found.v, mask, bits, found.scale, found.dropout_p,
                               cfg.kernels), like=out, pass_name=self.name)
             result = outputs(graph, fused, 2, like=out, pass_name=self.name)[0]
             out.replace_all_uses_with(result)
@@ -207,7 +264,7 @@ class AttentionPass:
             return "q, k and v differ in dtype"
         if not any(requires_grad(n) for n in (found.q, found.k, found.v)):
             return "no gradient flows through it, so nothing is saved for backward"
-        if found.mask is not None:
+        if found.mask is not None and not found.boolean_mask:
             mask = tensor_value(found.mask)
             if mask is None or not mask.dtype.is_floating_point:
                 return "the additive mask is not a float tensor"
