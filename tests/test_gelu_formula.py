@@ -43,8 +43,8 @@ class MLP(torch.nn.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
-def _backend(preset: str = "exact", **options: object) -> fxshear.ShearBackend:
-    return fxshear.ShearBackend(ShearConfig.from_options(preset=preset, **options), codegen=False)
+def _backend(preset: str = "balanced", passes: tuple[str, ...] | None = None, **options: object) -> fxshear.ShearBackend:
+    return fxshear.ShearBackend(ShearConfig.from_options(preset=preset, **options), codegen=False, pass_names=passes)
 
 
 def _reports(backend: fxshear.ShearBackend) -> dict[str, list[str]]:
@@ -65,13 +65,27 @@ def test_formula_becomes_the_library_call_and_gradients_stay_exact(activation, l
     model(x).square().sum().backward()
     expected = grads(model)
     model.zero_grad(set_to_none=True)
+    # The pass alone: the library call computes the same function, so gradients stay eager's.
+    backend = _backend(passes=("gelu_formula",))
+    torch.compile(model, backend=backend)(x).square().sum().backward()
+    assert [r.split(" ", 1)[1] for r in _reports(backend)["gelu_formula"]] == [f"({label})"]
+    assert_grads_close(grads(model), expected, rtol=1e-4, atol=1e-6)
+    # With every pass, the activation passes now see it.
+    torch._dynamo.reset()
     backend = _backend()
     torch.compile(model, backend=backend)(x).square().sum().backward()
     reports = _reports(backend)
-    assert [r.split(" ", 1)[1] for r in reports["gelu_formula"]] == [f"({label})"]
-    (seen,) = [r for region in backend.regions for r in region.pass_reports if r.name == "act_from_output"]
-    assert len(seen.rewritten) + len(seen.skipped) == 1, seen  # the activation pass now sees it
-    assert_grads_close(grads(model), expected, rtol=1e-4, atol=1e-6)
+    assert len(reports["act_from_output"]) + len(reports["act2bit"]) == 1, reports
+
+
+def test_formula_stays_as_written_where_no_activation_pass_would_use_it() -> None:
+    """exact in fp32: the inversion is not exact enough and the 2-bit codes are off, so replacing
+    the formula would only change its rounding."""
+    backend = _backend("exact")
+    torch.compile(MLP(gelu_new), backend=backend)(torch.randn(2, 16)).sum().backward()
+    (report,) = [r for region in backend.regions for r in region.pass_reports if r.name == "gelu_formula"]
+    assert not report.rewritten
+    assert [s.reason for s in report.skipped] == ["no activation pass rewrites a gelu in float32 under this config"]
 
 
 def test_look_alikes_and_shared_intermediates_are_left_alone() -> None:

@@ -20,7 +20,7 @@ import torch.fx
 
 from ..config import ShearConfig
 from .base import PassReport, excluded
-from .match import call, is_float_tensor, is_function, is_method, only_user
+from .match import call, is_float_tensor, is_function, is_method, only_user, tensor_value
 
 NAME = "gelu_formula"
 
@@ -141,6 +141,18 @@ def _half_x_times(final: torch.fx.Node, bracket: torch.fx.Node, x: torch.fx.Node
     return False
 
 
+def _unwanted(cfg: ShearConfig, kind: str, dtype: torch.dtype) -> str | None:
+    """Why no activation pass would rewrite this activation under ``cfg`` (then the formula stays
+    as the user wrote it: replacing it would change its rounding for nothing)."""
+    from ..kernels.act_from_output import EXACT_DTYPES
+
+    if cfg.act2bit and kind in cfg.act2bit_ops:
+        return None
+    if cfg.act_from_output == "all" or (cfg.act_from_output == "exact_dtypes" and dtype in EXACT_DTYPES):
+        return None
+    return f"no activation pass rewrites a {kind} in {str(dtype).removeprefix('torch.')} under this config"
+
+
 class GeluFormulaPass:
     """Replace hand-written GELU/SiLU formulas by ``F.gelu`` / ``F.silu``."""
 
@@ -165,6 +177,10 @@ class GeluFormulaPass:
                 continue
             if not is_float_tensor(x):
                 report.skip(final, "input is not an fp32/fp16/bf16 tensor")
+                continue
+            reason = _unwanted(cfg, kind, tensor_value(x).dtype)
+            if reason:
+                report.skip(final, reason)
                 continue
             with graph.inserting_before(final):
                 if kind == "gelu":
