@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -104,6 +104,20 @@ def assert_rel_close(actual, expected, tol):  # noqa: ANN001, ANN201
     a, e = actual[~nan].double(), expected[~nan].double()
     if e.numel():
         assert (a - e).abs().max().item() <= tol * max(e.abs().max().item(), 1e-30)
+
+
+def assert_no_further_from_the_truth(actual, expected, truth, tol):  # noqa: ANN001, ANN201
+    """NaNs where eager has them; elsewhere within ``tol`` of the float64 truth (relative to its
+    largest entry) or at most twice as far from it as eager is."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    keep = ~nan & ~truth.isnan()
+    if not keep.any():
+        return
+    a, e, t = actual[keep].double(), expected[keep].double(), truth[keep]
+    ours, eagers = (a - t).abs().max().item(), (e - t).abs().max().item()
+    assert ours <= max(tol * max(t.abs().max().item(), 1e-30), 2 * eagers), (ours, eagers)
 
 
 def eager_keep_mask(shape, dtype, p, seed):  # noqa: ANN001, ANN201
@@ -328,6 +342,8 @@ def test_opcheck(dtype) -> None:  # noqa: ANN001
     mask_kind=st.sampled_from([None, "random", "row"]),
     seed=st.integers(0, 2**16),
 )
+# bf16 eager is far from the truth on one cancelling gradient entry here (fp32 math is not)
+@example(batch=1, heads=1, sq=1, sk=7, dim=1, dv=1, dtype=torch.bfloat16, p=0.0, mask_kind="random", seed=761)
 def test_matches_eager_on_random_shapes(batch, heads, sq, sk, dim, dv, dtype, p, mask_kind, seed) -> None:  # noqa: ANN001, PLR0913
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, sq, dim, generator=generator).to(dtype)
@@ -344,11 +360,18 @@ def test_matches_eager_on_random_shapes(batch, heads, sq, sk, dim, dv, dtype, p,
     fp32 = dtype == torch.float32
     expected = run(lambda q, k, v: eager_attention(q, k, v, mask, scale, p, True), q, k, v, grad, seed)
     actual = run(lambda q, k, v: recompute_attention(q, k, v, mask, scale, p, "torch"), q, k, v, grad, seed)
-    for a, e in zip(actual, expected):
-        if fp32:
+    if fp32:
+        for a, e in zip(actual, expected):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-6 * max(1.0, e.abs().max().item()))
-        else:
-            assert_rel_close(a, e, HALF_TOL[dtype])
+        return
+    # Half precision: eager rounds every intermediate to the dtype, the op computes in fp32, so on
+    # tiny or cancelling outputs eager itself is far from the truth.  Judge both against float64:
+    # the op is within the tolerance of the truth, or at least no further from it than eager is.
+    wide = None if mask is None else mask.double()
+    truth = run(lambda q, k, v: eager_attention(q, k, v, wide, scale, p, True),
+                q.double(), k.double(), v.double(), grad.double(), seed)
+    for a, e, t in zip(actual, expected, truth):
+        assert_no_further_from_the_truth(a, e, t, HALF_TOL[dtype])
 
 
 # ---------------------------------------------------------------------------------------------
