@@ -59,8 +59,6 @@ def _load_example() -> Any:
     """examples/finetune_minilm.py as a module: its data split, training loop and evaluation."""
     path = REPO_ROOT / "examples" / "finetune_minilm.py"
     spec = importlib.util.spec_from_file_location("finetune_minilm", path)
-    if spec.name in sys.modules:
-        return sys.modules[spec.name]
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -162,10 +160,9 @@ def gradient_fidelity(rows: list[Setting], batch: dict[str, torch.Tensor]) -> di
 # 2. short fine-tune
 
 
-def fine_tunes(rows: list[Setting], steps: int, batch_size: int, seq_len: int, lr: float) -> dict[str, Any]:
-    example = _load_example()
-    dataset = load_docstring_dataset(num_classes=example.NUM_CLASSES, seed=SEED)
-    tokenizer = load_minilm_tokenizer()
+def fine_tunes(example: Any, dataset: Any, tokenizer: Any, rows: list[Setting], steps: int, batch_size: int,
+               seq_len: int, lr: float) -> dict[str, Any]:
+    """``examples/finetune_minilm.py``'s run (fresh model, AdamW, held-out evaluation) per setting."""
     batches = example.training_batches(dataset, tokenizer, batch_size, seq_len, steps)
     held_out = example.held_out_batches(dataset, tokenizer, batch_size, seq_len)
     runs: list[tuple[str, dict[str, Any] | None]] = [("torch.compile", None), ("exact", {"preset": "exact"})]
@@ -291,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print("[bold]1. gradient cosine to exact[/bold]")
     grads = gradient_fidelity(rows, batch)
     console.print("[bold]2. fine-tune against exact[/bold]")
-    tune = fine_tunes([r for r in rows if r.name != "2-bit GELU only"], args.steps, args.batch,
-                      args.fine_tune_seq, args.lr)
+    tune = fine_tunes(example, dataset, tokenizer, [r for r in rows if r.name != "2-bit GELU only"],
+                      args.steps, args.batch, args.fine_tune_seq, args.lr)
     results = {
         "machine": machine_info(),
         "command": "python benchmarks/prune_fidelity.py" + (" --quick" if args.quick else f" --steps {args.steps}"),
