@@ -230,3 +230,32 @@ def test_sdpa_without_dropout_is_left_alone_with_a_reason() -> None:
     assert not report.rewritten
     assert {s.reason for s in report.skipped} == {
         "SDPA without dropout runs the CPU flash kernel, which keeps no probabilities"}
+
+
+@pytest.mark.parametrize(("sq", "sk"), [(6, 6), (4, 7)])
+def test_causal_sdpa_with_dropout_equals_eager(sq: int, sk: int) -> None:
+    """is_causal=True: the pass builds SDPA's top-left aligned causal mask itself."""
+
+    class Attend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.kv = torch.nn.Linear(8, 8), torch.nn.Linear(8, 16)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            q = self.q(x).view(2, -1, 2, 4).transpose(1, 2)
+            k, v = self.kv(y).view(2, -1, 2, 8).transpose(1, 2).split(4, dim=-1)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+
+    torch.manual_seed(0)
+    model = Attend()
+    x, y = torch.randn(2, sq, 8), torch.randn(2, sk, 8)
+    torch.manual_seed(5)
+    model(x, y).square().sum().backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    backend = analysis_backend()
+    torch.manual_seed(5)
+    torch.compile(model, backend=backend)(x, y).square().sum().backward()
+    (report,) = [r for region in backend.regions for r in region.pass_reports if r.name == "attention"]
+    assert len(report.rewritten) == 1, report
+    assert_grads_close_in_norm(grads(model), expected, rel=2e-5, floor=1e-4)

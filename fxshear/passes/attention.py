@@ -46,6 +46,7 @@ class AttentionMatch:
     dropout_p: float
     chain: list[torch.fx.Node]  # scores ... output matmul, in graph order
     boolean_mask: bool = False  # SDPA's True-means-attend mask, made additive by the pass
+    causal: bool = False  # SDPA's is_causal: the pass builds its (top-left aligned) additive mask
 
     @property
     def output(self) -> torch.fx.Node:
@@ -156,7 +157,8 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
     dropped-out probabilities and the byte mask like eager attention; its dropout draws the mask
     as eager ``F.dropout`` of the probabilities does, so the op reproduces it.  Without dropout
     the CPU flash kernel runs (it keeps only the log-sum-exp), and on CUDA fused kernels do:
-    there the call is left alone.
+    there the call is left alone.  ``is_causal`` becomes an explicit additive mask (query ``i``
+    attends keys ``j <= i``, SDPA's top-left alignment) when both lengths are static.
     """
     if not is_function(node, *_SDPA):
         return None
@@ -169,11 +171,11 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
         return "SDPA with enable_gqa (grouped k/v heads) is not rewritten"
     if not isinstance(dropout_p, (int, float)) or not isinstance(is_causal, bool):
         return "SDPA arguments are not constants"
-    if is_causal:
-        return "causal SDPA (is_causal=True) is not rewritten; its CPU kernels keep no probabilities without dropout"
     value = tensor_value(q)
     if value is None or value.dim() != 4:
         return "SDPA inputs are not 4-D [batch, heads, seq, dim] tensors"
+    if is_causal and (mask is not None or not all(isinstance(tensor_value(t).shape[-2], int) for t in (q, k))):
+        return "causal SDPA with an attn_mask or symbolic sequence lengths is not rewritten"
     if value.device.type != "cpu":
         return f"on {value.device.type} SDPA runs a fused kernel that keeps no probabilities"
     if dropout_p == 0:
@@ -191,7 +193,7 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
     elif not isinstance(scale, (int, float)):
         return "the SDPA scale is not a constant number"
     return AttentionMatch(q=q, k=k, v=v, mask=mask, scale=float(scale), dropout_p=float(dropout_p), chain=[node],
-                          boolean_mask=boolean_mask)
+                          boolean_mask=boolean_mask, causal=is_causal)
 
 
 class AttentionPass:
@@ -228,6 +230,12 @@ class AttentionPass:
                     # (as eager attention's additive masks give) rather than NaN.
                     mask = call(graph, torch.where, (mask, 0.0, torch.finfo(torch.float32).min), like=out,
                                 pass_name=self.name)
+                if found.causal:  # query i attends keys j <= i, as SDPA's is_causal does
+                    sq, sk = tensor_value(found.q).shape[-2], tensor_value(found.k).shape[-2]
+                    full = call(graph, torch.full, ((sq, sk), torch.finfo(torch.float32).min),
+                                kwargs={"dtype": torch.float32, "device": tensor_value(found.q).device},
+                                like=out, pass_name=self.name)
+                    mask = call(graph, torch.triu, (full,), kwargs={"diagonal": 1}, like=out, pass_name=self.name)
                 bits = None
                 if found.dropout_p > 0:
                     # Drawn where eager's dropout draws (after the scores, before anything after
