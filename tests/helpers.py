@@ -101,6 +101,10 @@ def _true_activation(x: torch.Tensor, kind: str, approximate: str) -> torch.Tens
     return 0.5 * x * torch.special.erfc(-x / math.sqrt(2.0))
 
 
+def _eager_activation(x: torch.Tensor, kind: str, approximate: str) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate=approximate) if kind == "gelu" else torch.nn.functional.silu(x)
+
+
 @functools.cache
 def eager_forward_error(kind: str, approximate: str, dtype: torch.dtype) -> float:
     """Largest |eager f(x) - f(x)| over x in [-12, 12]: eager's own forward error on this CPU.
@@ -111,7 +115,7 @@ def eager_forward_error(kind: str, approximate: str, dtype: torch.dtype) -> floa
     1.2e-6 on AVX512 ones (2026-12 measurement, torch 2.13 CPU).
     """
     x = torch.linspace(-12.0, 12.0, 200_001).to(dtype)
-    eager = torch.nn.functional.gelu(x, approximate=approximate) if kind == "gelu" else torch.nn.functional.silu(x)
+    eager = _eager_activation(x, kind, approximate)
     return float((eager.double() - _true_activation(x, kind, approximate)).abs().max())
 
 
@@ -120,5 +124,5 @@ def eager_nan_at_inf(kind: str, approximate: str, dtype: torch.dtype) -> bool:
     """Whether eager's vectorized kernel returns NaN for f(+inf) (AVX512 builds' erf GELU does,
     the scalar path returns +inf): a forward NaN there is then eager's, not fxshear's."""
     x = torch.full((64,), math.inf, dtype=dtype)
-    eager = torch.nn.functional.gelu(x, approximate=approximate) if kind == "gelu" else torch.nn.functional.silu(x)
+    eager = _eager_activation(x, kind, approximate)
     return bool(eager.isnan().any())

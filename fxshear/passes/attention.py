@@ -174,7 +174,9 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
     value = tensor_value(q)
     if value is None or value.dim() != 4:
         return "SDPA inputs are not 4-D [batch, heads, seq, dim] tensors"
-    if is_causal and (mask is not None or not all(isinstance(tensor_value(t).shape[-2], int) for t in (q, k))):
+    key_value = tensor_value(k)
+    if is_causal and (mask is not None or key_value is None
+                      or not isinstance(value.shape[-2], int) or not isinstance(key_value.shape[-2], int)):
         return "causal SDPA with an attn_mask or symbolic sequence lengths is not rewritten"
     if value.device.type != "cpu":
         return f"on {value.device.type} SDPA runs a fused kernel that keeps no probabilities"

@@ -133,7 +133,8 @@ def _erf_argument_x(argument: object) -> torch.fx.Node | None:
 
 
 def _half_x_times(final: torch.fx.Node, bracket: torch.fx.Node, x: torch.fx.Node) -> bool:
-    """Whether ``final`` is ``(0.5·x)·bracket``, ``(x·0.5)·bracket`` or ``0.5·(x·bracket)``."""
+    """Whether ``final`` is ``(0.5·x)·bracket`` or ``(x·0.5)·bracket`` (``0.5·(x·bracket)`` is
+    matched by the caller, which then has one more node)."""
     operands = _binary(final, _MUL, "mul")
     if operands is not None and bracket in operands:
         other = operands[1] if operands[0] is bracket else operands[0]
@@ -230,7 +231,7 @@ class GeluFormulaPass:
             if outer is None or _scaled(outer, 0.5) is not final:
                 return None
             final = outer
-        chain = [n for n in _ancestors_up_to(final, x)]
+        chain = _ancestors_up_to(final, x)
         for inner in chain[:-1]:
             if any(user not in chain for user in inner.users):
                 return None  # an intermediate is used elsewhere: removing the chain would not free it
