@@ -3,6 +3,7 @@
     model = torch.compile(model, backend="fxshear")                    # exact preset (the default)
     model = torch.compile(model, backend=fxshear.backend(preset="exact", memory_budget=0.5))
     report = fxshear.inspect(model, *example_inputs)                    # what is saved, and why
+    step = fxshear.train_step(model, optimizer, freeze="bandit")(step)  # per-step freezing
 """
 
 from .api import ledger, regions_of
@@ -11,6 +12,8 @@ from .config import PRESETS, ConfigError, ShearConfig
 from .graph.ledger import Ledger, ModelLedger, SavedTensor
 from .integrations import register_accelerate_backend
 from .measure import SavedBytes, measure_saved_bytes
+from .sched.state import frozen
+from .train_step import StepMetrics, TrainStep, train_step
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,6 @@ def inspect(model, *example_inputs, preset: str = "exact", example_kwargs=None, 
 
 __all__ = [
     "PRESETS", "ConfigError", "Ledger", "ModelLedger", "SavedBytes", "SavedTensor", "ShearBackend",
-    "ShearConfig", "backend", "inspect", "ledger", "measure_saved_bytes", "regions_of",
-    "register_accelerate_backend",
+    "ShearConfig", "StepMetrics", "TrainStep", "backend", "frozen", "inspect", "ledger", "measure_saved_bytes", "regions_of",
+    "register_accelerate_backend", "train_step",
 ]

@@ -25,6 +25,7 @@ from .passes import PASSES
 from .passes.base import PassReport
 from .graph.partitioner import SavedSizes
 from .region import Region, compile_and_record, copy_graph_module, unrewritten_sizes
+from .variants import FreezeDispatcher
 
 _backend_ids = itertools.count()
 #: Every backend ever created, so ``fxshear.ledger(model)`` can find a model's regions.
@@ -49,6 +50,8 @@ class ShearBackend:
         self.pass_names = None if pass_names is None else frozenset(pass_names)
         self.id = next(_backend_ids)
         self.regions: list[Region] = []
+        #: One per trainable region when ``cfg.freezing``: picks the graph for each freeze mask.
+        self.dispatchers: list[FreezeDispatcher] = []
         _BACKENDS[self.id] = self
 
     def __repr__(self) -> str:
@@ -60,6 +63,17 @@ class ShearBackend:
         original = copy_graph_module(gm)
         rewritten = self._run_passes(gm, region) if region.has_backward else gm
         region.reference = self._reference(original, example_inputs, region)
+        if self.cfg.freezing and region.has_backward:
+            region.gated = frozenset(region.trainable_parameter_indices())
+        compiled = self._compile_with_fallback(rewritten, original, example_inputs, region)
+        if not region.gated:
+            return compiled
+        dispatcher = FreezeDispatcher(region, compiled, max_variants=self.cfg.freeze_variants, codegen=self.codegen)
+        self.dispatchers.append(dispatcher)
+        return dispatcher
+
+    def _compile_with_fallback(self, rewritten: torch.fx.GraphModule, original: torch.fx.GraphModule,
+                               example_inputs: Sequence[Any], region: Region) -> Callable:
         try:
             return self._compile(rewritten, example_inputs, region)
         except Exception as error:  # noqa: BLE001 - any failure must not stop training
@@ -113,7 +127,8 @@ class ShearBackend:
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], region: Region) -> Callable:
         region.index_origins(gm)
         return compile_and_record(gm, example_inputs, self.cfg, region.recorder(id(gm.graph)),
-                                  codegen=self.codegen, reference=region.reference)
+                                  codegen=self.codegen, reference=region.reference,
+                                  frozen=region.frozen, gated=region.gated)
 
 
 def backend(preset: str = DEFAULT_PRESET, **overrides: Any) -> ShearBackend:

@@ -31,6 +31,10 @@ UNBUILT_PRUNE_OPS = {"attention": "attention matmul operands", "softmax": "softm
 DEFAULT_PRUNE_EXCLUDE = ("*classifier*", "*lm_head*", "*pooler*", "score", "*.score")
 
 
+#: Each variant is a full compile of its region; more than this is a recompile storm.
+MAX_FREEZE_VARIANTS = 64
+
+
 class ConfigError(ValueError):
     """A bad fxshear option: names the field and the accepted values."""
 
@@ -69,6 +73,12 @@ class ShearConfig:
         memory_budget: PyTorch's ``activation_memory_budget`` for fxshear regions, in [0, 1];
             None leaves the partitioner's global setting alone.
         exclude: fnmatch patterns of module paths (e.g. ``"classifier*"``) no pass touches.
+        freezing: regions honour per-step freezing (``fxshear.frozen``, ``@fxshear.train_step``):
+            one compiled graph serves every freeze mask, its weight-gradient matmuls skipped at
+            run time for frozen weights (which get no ``.grad``).
+        freeze_variants: with ``freezing``, how many extra graphs per region may be compiled for
+            the masks first seen (each drops its frozen gradients and what only they saved, so
+            it saves less memory; each costs a full compile).  0: never (no recompiles at all).
         kernels: "auto" (Triton on CUDA when available, torch elsewhere), "torch" or "triton".
         on_error: "fallback" compiles the unmodified graph if fxshear fails; "raise" re-raises.
     """
@@ -89,12 +99,15 @@ class ShearConfig:
     prune_exclude: tuple[str, ...] = DEFAULT_PRUNE_EXCLUDE
     memory_budget: float | None = None
     exclude: tuple[str, ...] = ()
+    freezing: bool = False
+    freeze_variants: int = 0
     kernels: str = "auto"
     on_error: str = "fallback"
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
-        for name in ("share_norms", "dropout_bits", "attention_recompute", "fused_loss", "act2bit", "prune"):
+        for name in ("share_norms", "dropout_bits", "attention_recompute", "fused_loss", "act2bit", "prune",
+                     "freezing"):
             _check_bool(name, getattr(self, name))
         _check_ratio("keep_ratio", self.keep_ratio)
         for entry in self.keep_ratios:
@@ -122,6 +135,12 @@ class ShearConfig:
                 raise ConfigError(f"memory_budget must lie in [0, 1], got {self.memory_budget!r}")
         if not all(isinstance(p, str) and p for p in self.exclude):
             raise ConfigError(f"exclude must be a sequence of non-empty strings, got {self.exclude!r}")
+        if (isinstance(self.freeze_variants, bool) or not isinstance(self.freeze_variants, int)
+                or not 0 <= self.freeze_variants <= MAX_FREEZE_VARIANTS):
+            raise ConfigError(f"freeze_variants must be an integer in [0, {MAX_FREEZE_VARIANTS}], "
+                              f"got {self.freeze_variants!r}")
+        if self.freeze_variants and not self.freezing:
+            raise ConfigError("freeze_variants only applies with freezing=True")
         _check_choice("kernels", self.kernels, KERNEL_CHOICES)
         _check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
 

@@ -76,6 +76,10 @@ class Region:
     #: plain Inductor), and the budget fraction the partitioner finally used.
     reference: SavedSizes | None = None
     effective_budget: float | None = None
+    #: Per-step freezing: the inputs whose gradients this compile drops (a mask variant), and
+    #: those whose weight-gradient matmuls are gated at run time (see fxshear.graph.freeze).
+    frozen: frozenset[int] = frozenset()
+    gated: frozenset[int] = frozenset()
 
     @classmethod
     def create(cls, cfg: ShearConfig, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Region:
@@ -135,6 +139,21 @@ class Region:
             or (i < len(self.input_origins) and "_buffers" in self.input_origins[i].source)
         ]
 
+    def trainable_parameter_indices(self) -> list[int]:
+        """Inputs that are parameters requiring a gradient: what per-step freezing can freeze."""
+        indices = []
+        for i, x in enumerate(self.inputs):
+            if isinstance(x, _ParameterRef):
+                p = x.ref()
+                if p is not None and p.requires_grad:
+                    indices.append(i)
+        return indices
+
+    def example_inputs(self) -> list[Any]:
+        """Inputs to compile this region's graph again (zeros of the recorded shapes, the real
+        parameters)."""
+        return [x.make() if isinstance(x, (_TensorSpec, _ParameterRef)) else x for x in self.inputs]
+
     @property
     def has_backward(self) -> bool:
         """Whether this graph was compiled for training (grad mode on, something needs a grad)."""
@@ -148,10 +167,10 @@ class Region:
 
     def replay(self) -> None:
         """Trace and partition the region again with caches off and no code generation."""
-        inputs = [x.make() if isinstance(x, (_TensorSpec, _ParameterRef)) else x for x in self.inputs]
+        inputs = self.example_inputs()
         graph = copy_graph_module(self.graph)
         compile_and_record(graph, inputs, self.cfg, self.recorder(id(graph.graph)), codegen=False,
-                           reference=self.reference)
+                           reference=self.reference, frozen=self.frozen, gated=self.gated)
         self.replayed = True
 
     @property
@@ -167,16 +186,20 @@ class Region:
 
 def compile_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: ShearConfig,
                        record: Callable[[Partition], None], *, codegen: bool,
-                       reference: SavedSizes | None = None) -> Callable:
+                       reference: SavedSizes | None = None, frozen: frozenset[int] = frozenset(),
+                       gated: frozenset[int] = frozenset()) -> Callable:
     """``compile_fx`` with fxshear's partitioner, which hands its partition to ``record``.
 
     With ``codegen`` the graph is lowered by Inductor (on CPU, fxshear's ops become aten math it
     can fuse, after the partition); without, the partitioned aten graphs run as they are and the
     caches are off, so the partitioner always runs (inspection, and replays on a cache hit).
+    ``frozen`` and ``gated`` are input indices handed to the partitioner (per-step freezing:
+    gradients dropped from this variant, and weight-gradient matmuls gated at run time).
     """
     from torch._inductor.compile_fx import compile_fx
 
-    patches: dict[str, Any] = {"custom_partitioner_fn": ShearPartitioner(cfg, reference)}
+    partitioner = ShearPartitioner(cfg, reference, frozen=frozen, gated=gated)
+    patches: dict[str, Any] = {"custom_partitioner_fn": partitioner}
     token = current_recorder.set(record)
     try:
         if codegen:

@@ -20,6 +20,7 @@ import torch.fx
 
 from ..compat import CustomPartitionerFn, activation_memory_budget, get_hash_for_files, min_cut_rematerialization_partition
 from ..config import ShearConfig
+from .freeze import drop_gradients, gate_gradients
 
 
 @dataclass
@@ -123,10 +124,17 @@ class ShearPartitioner(CustomPartitionerFn):
     at ``b``", and the fraction passed on is the largest one of this graph's range that does.
     """
 
-    def __init__(self, cfg: ShearConfig, reference: SavedSizes | None = None) -> None:
+    def __init__(self, cfg: ShearConfig, reference: SavedSizes | None = None, *,
+                 frozen: frozenset[int] = frozenset(), gated: frozenset[int] = frozenset()) -> None:
+        """``frozen``: input indices whose gradients this partition drops (a mask variant);
+        ``gated``: input indices whose weight-gradient matmuls are skipped at run time when the
+        input arrives frozen (see :mod:`fxshear.graph.freeze`)."""
         self.cfg = cfg
         self.reference = reference
+        self.frozen = frozenset(frozen)
+        self.gated = frozenset(gated) - self.frozen
         self.effective_budget: float | None = cfg.memory_budget
+        self.gate_report = None
 
     def _trial(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any],
                fraction: float) -> SavedSizes:
@@ -172,6 +180,11 @@ class ShearPartitioner(CustomPartitionerFn):
         register_flop_formulas()
         recorder = current_recorder.get()
         # The partitioner consumes the joint graph; render it first.
+        num_fwd_outputs = int(kwargs["num_fwd_outputs"])
+        if self.frozen:
+            drop_gradients(gm, num_fwd_outputs, sorted(self.frozen))
+        if self.gated:
+            self.gate_report = gate_gradients(gm, num_fwd_outputs, sorted(self.gated))
         joint_text = readable_graph(gm) if recorder is not None else ""
         pin_ops(gm)
         self.effective_budget = self._budget(gm, joint_inputs, kwargs)
@@ -191,7 +204,8 @@ class ShearPartitioner(CustomPartitionerFn):
         return forward, backward
 
     def uuid(self) -> bytes:
-        extra = f"{self.cfg.to_json()}|reference={self.reference}|torch={torch.__version__}"
+        extra = (f"{self.cfg.to_json()}|reference={self.reference}|frozen={sorted(self.frozen)}"
+                 f"|gated={sorted(self.gated)}|torch={torch.__version__}")
         return get_hash_for_files(fxshear_source_files(), extra=extra)
 
 

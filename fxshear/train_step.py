@@ -1,0 +1,293 @@
+"""``@fxshear.train_step``: a user's whole training step, with per-step freezing and metrics.
+
+    @fxshear.train_step(model, optimizer, freeze="bandit", sparsity=0.5)
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    for batch in loader:
+        step(batch)
+    print(step.metrics[-1])          # step time, saved bytes, active fraction, ...
+
+Why a decorator and not a compiled function: ``torch.compile`` breaks a graph at ``backward()``
+and at ``optimizer.step()`` anyway (DESIGN §2); the work that matters is in the model's forward
+and backward.  So the decorator compiles the *model* in place with the fxshear backend, and
+around the user's function it samples the freeze mask, makes the compiled regions honour it
+(:mod:`fxshear.sched.state`, no recompiles), reads the active weights' gradient norms as
+backward produces them (post-accumulate-grad hooks) and feeds them to the policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import ShearBackend
+from .config import ConfigError, ShearConfig
+from .log import log
+from .sched import BanditPolicy, BanditSettings, FixedPolicy, FreezePolicy, RandomPolicy, RoundRobinPolicy
+from .sched.arms import Arm, block_groups, find_arms, parameters_of, unique_parameters
+from .sched.state import set_frozen
+
+FREEZE_CHOICES = (None, "bandit", "random", "round_robin", "fixed")
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one decorated call did."""
+
+    step: int
+    seconds: float
+    loss: float | None
+    active_fraction: float
+    frozen_arms: int
+    saved_activation_bytes: int
+    compiles: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainStep:
+    """The decorated step; call it like the function it wraps."""
+
+    def __init__(self, fn: Callable[..., Any], model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 policy: FreezePolicy | None, arms: Sequence[Arm], backend: ShearBackend | None,
+                 stale_after: int, on_metrics: Callable[[StepMetrics], None] | None) -> None:
+        self.fn = fn
+        self.model = model
+        self.optimizer = optimizer
+        self.policy = policy
+        self.arms = list(arms)
+        self.backend = backend
+        self.stale_after = stale_after
+        self.on_metrics = on_metrics
+        self.metrics: list[StepMetrics] = []
+        self.step = 0
+        #: Per arm: the last step (1-based) it received a gradient; 0 if never.
+        self.last_gradient_step = [0] * len(self.arms)
+        self._warned: set[int] = set()
+        self._norms: dict[int, float] = {}
+        self._frozen_now: frozenset[int] = frozenset()
+        self._leaked: set[int] = set()
+        self._hooks = [arm.parameter.register_post_accumulate_grad_hook(self._make_hook(i))
+                       for i, arm in enumerate(self.arms)] if policy is not None else []
+        functools.update_wrapper(self, fn)
+
+    # -- the step ---------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        mask = self.policy.sample() if self.policy is not None else None
+        frozen = parameters_of(self.arms, ~mask) if mask is not None else []
+        self._frozen_now = frozenset(i for i, on in enumerate(mask.tolist()) if not on) if mask is not None else frozenset()
+        self._norms = {}
+        for p in frozen:
+            p.grad = None  # a zero tensor left by zero_grad(set_to_none=False) would still be stepped
+        self.step += 1
+        start = time.perf_counter()
+        toggled = self._freeze_eagerly(frozen) if self.backend is None else []
+        set_frozen(frozen)
+        try:
+            result = self.fn(*args, **kwargs)
+        finally:
+            set_frozen(())
+            for p in toggled:
+                p.requires_grad_(True)
+        seconds = time.perf_counter() - start
+        if self.policy is not None:
+            self._learn(mask)
+        metrics = StepMetrics(
+            step=self.step, seconds=seconds, loss=_as_float(result),
+            active_fraction=float(mask.double().mean()) if mask is not None else 1.0,
+            frozen_arms=len(frozen), saved_activation_bytes=self.saved_activation_bytes(),
+            compiles=self.compiles)
+        self.metrics.append(metrics)
+        if self.on_metrics is not None:
+            self.on_metrics(metrics)
+        return result
+
+    def _freeze_eagerly(self, frozen: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+        """Without a compiled model, freezing is autograd's own ``requires_grad``."""
+        toggled = [p for p in frozen if p.requires_grad]
+        for p in toggled:
+            p.requires_grad_(False)
+        return toggled
+
+    def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(parameter: torch.Tensor) -> None:
+            if index in self._frozen_now:
+                # Ran outside a freezing region (an eager graph break): drop the gradient.
+                parameter.grad = None
+                if index not in self._leaked:
+                    self._leaked.add(index)
+                    log.warning("fxshear: %s was frozen but ran outside a compiled region; its gradient "
+                                "was computed and then dropped", self.arms[index].name)
+                return
+            if parameter.grad is not None:
+                self._norms[index] = float(parameter.grad.detach().norm())
+        return hook
+
+    def _learn(self, mask: torch.Tensor) -> None:
+        norms = torch.zeros(len(self.arms), dtype=torch.float64)
+        for i, value in self._norms.items():
+            norms[i] = value
+            self.last_gradient_step[i] = self.step
+        self.policy.update(norms)
+        self._warn_stale()
+
+    def _warn_stale(self) -> None:
+        for i, last in enumerate(self.last_gradient_step):
+            if self.step - last >= self.stale_after and i not in self._warned:
+                self._warned.add(i)
+                message = (f"fxshear: {self.arms[i].name} has received no gradient for {self.step - last} steps "
+                           f"(policy {self.policy.name!r}); it is not training")
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                log.warning("%s", message)
+
+    # -- what the user reads ----------------------------------------------------------------
+    @property
+    def compiles(self) -> int:
+        """Graphs compiled so far for this model: Dynamo's calls of the backend plus mask variants."""
+        if self.backend is None:
+            return 0
+        return len(self.backend.regions) + sum(d.stats.compiles for d in self.backend.dispatchers)
+
+    def saved_activation_bytes(self) -> int:
+        """Activation bytes the graphs that ran last saved for backward (their ledgers)."""
+        if self.backend is None:
+            return 0
+        dispatched = {id(d.region): d for d in self.backend.dispatchers}
+        total = 0
+        for region in self.backend.regions:
+            if not region.has_backward:
+                continue
+            used = dispatched[id(region)].last if id(region) in dispatched else region
+            total += used.ledger.activation_bytes
+        return total
+
+    def stale_arms(self) -> list[str]:
+        """Arms that have gone ``stale_after`` steps or more without a gradient."""
+        return [arm.name for arm, last in zip(self.arms, self.last_gradient_step)
+                if self.step - last >= self.stale_after]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly (the policy's RNG included)."""
+        return {"step": self.step, "last_gradient_step": list(self.last_gradient_step),
+                "policy": self.policy.state_dict() if self.policy is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if (state.get("policy") is None) != (self.policy is None):
+            raise ValueError("the saved train_step and this one differ in whether they freeze")
+        if len(state["last_gradient_step"]) != len(self.arms):
+            raise ValueError(f"saved state has {len(state['last_gradient_step'])} arms, this model {len(self.arms)}")
+        self.step = int(state["step"])
+        self.last_gradient_step = list(state["last_gradient_step"])
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"])
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the step can no longer learn)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def _as_float(result: Any) -> float | None:
+    value = result
+    if isinstance(result, Mapping):
+        value = result.get("loss")
+    elif isinstance(result, (tuple, list)) and result:
+        value = result[0]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.detach())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def make_policy(freeze: str | FreezePolicy | None, arms: Sequence[Arm], *, sparsity: float, period: int,
+                alpha: float, p_min: float, active: Sequence[str] | None, seed: int) -> FreezePolicy | None:
+    """The policy ``freeze`` names, over ``arms``; a clear error for anything that cannot train."""
+    if freeze is None or isinstance(freeze, FreezePolicy):
+        if isinstance(freeze, FreezePolicy) and freeze.n != len(arms):
+            raise ConfigError(f"the policy has {freeze.n} arms but the model has {len(arms)} freezable weights")
+        return freeze
+    if freeze not in FREEZE_CHOICES:
+        raise ConfigError(f"freeze must be one of {FREEZE_CHOICES!r} or a FreezePolicy, got {freeze!r}")
+    if freeze == "bandit":
+        return BanditPolicy(len(arms), BanditSettings(sparsity=sparsity, period=period, alpha=alpha, p_min=p_min),
+                            seed=seed)
+    if freeze == "random":
+        return RandomPolicy(len(arms), sparsity=sparsity, seed=seed)
+    if freeze == "round_robin":
+        return RoundRobinPolicy(block_groups(arms), sparsity=sparsity)
+    if not active:
+        raise ConfigError("freeze='fixed' needs active=[module patterns of the weights that train]; with none "
+                          "every arm would be frozen")
+    chosen = [i for i, arm in enumerate(arms) if any(fnmatch.fnmatchcase(arm.name, p) for p in active)]
+    if not chosen:
+        raise ConfigError(f"active={list(active)} matches no freezable weight; e.g. {arms[0].name!r}")
+    return FixedPolicy(len(arms), chosen)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+               freeze: str | FreezePolicy | None = "bandit", sparsity: float = 0.5, period: int = 20,
+               alpha: float = 1e-3, p_min: float = 1e-3, active: Sequence[str] | None = None,
+               arms: Sequence[str] | None = None, seed: int = 0, compile: bool = True,
+               preset: str = "exact", stale_after: int | None = None,
+               on_metrics: Callable[[StepMetrics], None] | None = None,
+               **options: Any) -> Callable[[Callable[..., Any]], TrainStep]:
+    """Decorate a training step (forward, ``backward``, ``optimizer.step()``, ``zero_grad``).
+
+    ``model`` is compiled in place with the fxshear backend (``preset`` and ``options`` as for
+    :func:`fxshear.backend`; ``compile=False`` keeps it eager and freezes with ``requires_grad``).
+    ``freeze``: ``"bandit"`` (Sheared Backprop; ``sparsity``, ``period``, ``alpha``, ``p_min``),
+    ``"random"``, ``"round_robin"`` over blocks, ``"fixed"`` (``active`` = name patterns of the
+    weights that train), a :class:`fxshear.sched.FreezePolicy`, or ``None`` (plain fine-tuning).
+    ``arms``: module-name patterns of the Linears that may be frozen (default: every Linear in a
+    numbered block).  ``stale_after`` (default ``10 * period``): warn when an arm goes this many
+    steps without a gradient.  ``on_metrics`` is called with each step's :class:`StepMetrics`.
+    ``optimizer`` is not called by fxshear; it is checked to hold the arms.
+    """
+    if stale_after is not None and (not isinstance(stale_after, int) or stale_after < 1):
+        raise ConfigError(f"stale_after must be a positive integer, got {stale_after!r}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ConfigError("pass the model itself, not torch.compile(model): train_step compiles it with fxshear")
+    freezing = freeze is not None
+    found = find_arms(model, arms) if freezing else []
+    unique_parameters(found)
+    policy = make_policy(freeze, found, sparsity=sparsity, period=period, alpha=alpha, p_min=p_min,
+                         active=active, seed=seed)
+    if optimizer is not None and found:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [arm.name for arm in found if id(arm.parameter) not in held]
+        if missing:
+            raise ConfigError(f"the optimizer does not hold {len(missing)} freezable weights (e.g. {missing[0]}); "
+                              f"freezing them would change nothing")
+    backend = None
+    if compile:
+        cfg = ShearConfig.from_options(preset=preset, freezing=freezing, **options)
+        backend = ShearBackend(cfg)
+        model.compile(backend=backend)
+    elif options:
+        raise ConfigError(f"fxshear options {sorted(options)} need compile=True")
+    window = stale_after if stale_after is not None else 10 * max(period, 1)
+
+    def decorate(fn: Callable[..., Any]) -> TrainStep:
+        return TrainStep(fn, model, optimizer, policy=policy, arms=found, backend=backend,
+                         stale_after=max(1, window), on_metrics=on_metrics)
+
+    return decorate
+
+
+__all__ = ["FREEZE_CHOICES", "StepMetrics", "TrainStep", "make_policy", "train_step"]
