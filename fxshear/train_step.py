@@ -101,6 +101,7 @@ class TrainStep:
             result = self.fn(*args, **kwargs)
         finally:
             set_frozen(())
+            self._frozen_now = frozenset()
             for p in toggled:
                 p.requires_grad_(True)
         seconds = time.perf_counter() - start
