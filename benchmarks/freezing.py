@@ -5,7 +5,9 @@
 1. **Step time and saved bytes** on MiniLM (real weights, batch 16, seq 128, dropout on) and
    the LLaMA-style model (batch 8, seq 256): full fine-tuning under ``torch.compile`` (Inductor)
    and under fxshear ``exact``, and fxshear ``exact`` with the bandit at sparsity 0.25 / 0.5 /
-   0.75 (one compiled graph, frozen weight-gradient matmuls skipped at run time).  Every step is
+   0.75 (one compiled graph, frozen weight-gradient matmuls skipped at run time), and the same
+   with ``dropout_rng="fast"`` (Inductor's dropout random numbers, as torch.compile draws them).
+   The configurations run interleaved in rounds, so machine drift hits all alike.  Every step is
    a whole training step: forward, backward, fused AdamW, ``zero_grad``.  Saved bytes: the
    run-time count of what autograd kept (``fxshear.measure_saved_bytes``) on one more step, and
    for the freezing rows also the ledger a per-mask variant (``freeze_variants``) would save for
@@ -33,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 import fxshear
+import torch._dynamo
 from fxshear.data import load_docstring_dataset
 from fxshear.models import build_model, load_minilm_tokenizer
 
@@ -48,6 +51,7 @@ console = Console(width=160)
 
 MODELS = {"minilm": {"batch": 16, "seq": 128}, "llama": {"batch": 8, "seq": 256}}
 SPARSITIES = (0.25, 0.5, 0.75)
+ROUNDS, STEPS_PER_ROUND = 5, 5
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,63 +61,77 @@ SPARSITIES = (0.25, 0.5, 0.75)
 def _rows() -> list[tuple[str, dict[str, Any] | None]]:
     rows: list[tuple[str, dict[str, Any] | None]] = [("torch.compile", None), ("fxshear exact", {"freeze": None})]
     rows += [(f"exact + bandit {s}", {"freeze": "bandit", "sparsity": s}) for s in SPARSITIES]
+    # Inductor's own dropout random numbers (torch.compile's, not eager's stream): the RNG draw is
+    # ~16% of a MiniLM step on this CPU, a cost plain torch.compile does not pay.
+    rows += [("exact fast-rng", {"freeze": None, "dropout_rng": "fast"}),
+             ("exact fast-rng + bandit 0.5", {"freeze": "bandit", "sparsity": 0.5, "dropout_rng": "fast"})]
     return rows
 
 
-def time_row(name: str, example: Any, options: dict[str, Any] | None, batch: dict[str, torch.Tensor],
-             steps: int, warmup: int) -> dict[str, Any]:
-    torch._dynamo.reset()
-    model = copy.deepcopy(example.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    compiled = model
-    if options is None:
-        compiled = torch.compile(model)
-        step = None
-    else:
-        step = fxshear.train_step(model, optimizer, seed=SEED, preset="exact", **options)
+class Runner:
+    """One configuration: its own copy of the model, optimizer and (decorated) step."""
 
-    def body(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = example.loss(compiled, b)
+    def __init__(self, name: str, example: Any, options: dict[str, Any] | None,
+                 batch: dict[str, torch.Tensor]) -> None:
+        self.name, self.example, self.options, self.batch = name, example, options, batch
+        self.model = copy.deepcopy(example.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=True)
+        self.compiled = self.model
+        self.step: Any = None
+        if options is None:
+            self.compiled = torch.compile(self.model)
+        else:
+            self.step = fxshear.train_step(self.model, self.optimizer, seed=SEED, preset="exact",
+                                           **options)(self._body)
+        self.run = self.step if self.step is not None else self._body
+        self.seconds: list[float] = []
+        self.first_step_s = float("nan")
+
+    def _body(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.example.loss(self.compiled, b)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    run = step(body) if step is not None else body
-    torch.manual_seed(SEED)
-    seconds = []
-    first_start = time.perf_counter()
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        run(batch)
-        seconds.append(time.perf_counter() - start)
-        if i == 0:
-            console.print(f"  {name}: first step {seconds[0]:.1f} s (compiles)")
-    # One more step whose forward is counted (the hooks cost time, so it is not timed).
-    counted = fxshear.measure_saved_bytes(example.loss, compiled, batch)
-    counted.output.backward()
-    optimizer.zero_grad(set_to_none=True)
-    row: dict[str, Any] = {
-        "name": name, "options": options,
-        "step_s_median": statistics.median(seconds[warmup:]),
-        "step_s_all": seconds, "first_step_s": seconds[0],
-        "saved_mib_runtime": counted.activation_bytes / MIB,
-        "wall_s": time.perf_counter() - first_start,
-    }
-    if step is not None:
-        run_step = run
-        row["compiles"] = run_step.compiles
-        row["dynamo_graphs"] = len(run_step.backend.regions)
-        row["ledger_mib"] = run_step.saved_activation_bytes() / MIB
-        row["active_fraction_mean"] = statistics.fmean(m.active_fraction for m in run_step.metrics)
-        if run_step.policy is not None:
-            variant = sum(d.analysis_ledger(_requested(d, run_step)).activation_bytes
-                          for d in run_step.backend.dispatchers)
-            row["variant_ledger_mib"] = variant / MIB
-    console.print(f"  {name}: {row['step_s_median']:.3f} s/step, saved {row['saved_mib_runtime']:.1f} MiB"
-                  + (f", a per-mask variant would save {row['variant_ledger_mib']:.1f} MiB"
-                     if "variant_ledger_mib" in row else ""))
-    return row
+    def warm_up(self, steps: int) -> None:
+        for i in range(steps):
+            start = time.perf_counter()
+            self.run(self.batch)
+            if i == 0:
+                self.first_step_s = time.perf_counter() - start
+                console.print(f"  {self.name}: first step {self.first_step_s:.1f} s (compiles)")
+
+    def timed(self, steps: int) -> None:
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.run(self.batch)
+            self.seconds.append(time.perf_counter() - start)
+
+    def result(self) -> dict[str, Any]:
+        # One more step whose forward is counted (the hooks cost time, so it is not timed).
+        counted = fxshear.measure_saved_bytes(self.example.loss, self.compiled, self.batch)
+        counted.output.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        row: dict[str, Any] = {
+            "name": self.name, "options": self.options,
+            "step_s_median": statistics.median(self.seconds), "step_s_all": self.seconds,
+            "first_step_s": self.first_step_s, "saved_mib_runtime": counted.activation_bytes / MIB,
+        }
+        step = self.step
+        if step is not None:
+            row["compiles"] = step.compiles
+            row["dynamo_graphs"] = len(step.backend.regions)
+            row["ledger_mib"] = step.saved_activation_bytes() / MIB
+            row["active_fraction_mean"] = statistics.fmean(m.active_fraction for m in step.metrics)
+            if step.policy is not None:
+                variant = sum(d.analysis_ledger(_requested(d, step)).activation_bytes
+                              for d in step.backend.dispatchers)
+                row["variant_ledger_mib"] = variant / MIB
+        console.print(f"  {self.name}: {row['step_s_median']:.3f} s/step, saved {row['saved_mib_runtime']:.1f} MiB"
+                      + (f", a per-mask variant would save {row['variant_ledger_mib']:.1f} MiB"
+                         if "variant_ledger_mib" in row else ""))
+        return row
 
 
 def _requested(dispatcher: Any, step: Any) -> frozenset[int]:
@@ -130,8 +148,17 @@ def speed_and_memory(quick: bool) -> dict[str, Any]:
         example = build_model(model_name, size="small" if quick else "bench", dropout=True)
         batch = example.make_batch(batch_size, seq)
         console.print(f"[bold]{model_name}[/bold] batch {batch_size}, seq {seq}")
-        rows = [time_row(name, example, options, batch, steps=4 if quick else 20, warmup=2)
-                for name, options in _rows()]
+        torch._dynamo.reset()
+        runners = [Runner(name, example, options, batch) for name, options in _rows()]
+        for runner in runners:
+            runner.warm_up(2)
+        # Interleaved rounds: this machine's speed drifts by 10-30% over minutes, and every
+        # configuration should see the same drift.
+        rounds, per_round = (2, 2) if quick else (ROUNDS, STEPS_PER_ROUND)
+        for _ in range(rounds):
+            for runner in runners:
+                runner.timed(per_round)
+        rows = [runner.result() for runner in runners]
         base = rows[0]
         for row in rows:
             row["step_vs_torch_compile"] = row["step_s_median"] / base["step_s_median"]
@@ -200,7 +227,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m.get('device', 'cpu')}. Command: `{results['command']}`.",
         "",
         "Whole training steps (forward, backward, fused AdamW, zero_grad), fp32, dropout 0.1; step = "
-        "median of the timed steps after warm-up. *saved* is the run-time count of what autograd kept for "
+        "median of 25 timed steps after 2 warm-up steps, the configurations interleaved in rounds of 5 steps "
+        "so that all see the same machine drift. *saved* is the run-time count of what autograd kept for "
         "backward; *per-mask variant* is what the graph for the last mask saves when "
         "`freeze_variants` compiles one (traced and partitioned, not compiled). *compiles*: Dynamo graphs "
         "plus mask variants over the whole run (one graph serves every mask).",
@@ -273,10 +301,11 @@ def rich_table(results: dict[str, Any]) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
+    torch._dynamo.config.recompile_limit = 32  # one model class, several compiled copies side by side
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the Markdown and SVG from a results JSON")
-    parser.add_argument("--steps", type=int, default=100, help="fine-tune steps per loss-curve run")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tune steps per loss-curve run")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64, help="sequence length of the fine-tune")
     parser.add_argument("--lr", type=float, default=5e-5)

@@ -142,3 +142,25 @@ def test_freeze_variants_needs_freezing() -> None:
         ShearConfig.from_options(freeze_variants=2)
     with pytest.raises(ConfigError, match="freeze_variants"):
         ShearConfig.from_options(freezing=True, freeze_variants=-1)
+
+
+def test_pruned_linears_are_gated_too(minilm) -> None:  # noqa: ANN001
+    """aggressive: freezing leaves every other gradient as the unfrozen graph computes it."""
+    model = copy.deepcopy(minilm.model)
+    batch = minilm.make_batch(2, 16)
+    backend = fxshear.ShearBackend(ShearConfig.from_options(preset="aggressive", freezing=True), codegen=False)
+    compiled = torch.compile(model, backend=backend)
+    minilm.loss(compiled, batch).backward()
+    unfrozen = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    linears = block_linears(model)
+    frozen_weights = {id(linears[i].weight) for i in range(1, len(linears), 2)}
+    with fxshear.frozen(linears[i].weight for i in range(1, len(linears), 2)):
+        minilm.loss(compiled, batch).backward()
+    for name, p in model.named_parameters():
+        if id(p) in frozen_weights:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, unfrozen[name], rtol=1e-5, atol=1e-6, msg=name)
+    backward = backend.dispatchers[0].region.readable_graphs()["backward"]
+    assert "gated_pruned_weight_grad" in backward and "gated_mm" in backward

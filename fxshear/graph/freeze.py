@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-#: Ops that compute a weight gradient and have a gated twin taking the weight as last argument.
 def _gated_targets() -> dict[object, object]:
-    return {torch.ops.aten.mm.default: torch.ops.fxshear.gated_mm.default}
+    """Ops that compute a weight gradient, each with its gated twin (the weight as last argument)."""
+    return {torch.ops.aten.mm.default: torch.ops.fxshear.gated_mm.default,
+            torch.ops.fxshear.pruned_weight_grad.default: torch.ops.fxshear.gated_pruned_weight_grad.default}
 
 
 @dataclass

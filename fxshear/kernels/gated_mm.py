@@ -10,6 +10,8 @@ that does not require one, so the weight's ``.grad`` stays ``None``.
 
 Ops:
     gated_mm(a [m, k], b [k, n], weight) -> a @ b, or zeros [m, n] when ``weight`` is frozen.
+    gated_pruned_weight_grad(grad, values, bits, in_features, impl, weight)
+        -> fxshear::pruned_weight_grad(...), or zeros when ``weight`` is frozen.
 
 ``weight`` is only read for its ``requires_grad`` flag: it is the parameter whose gradient
 this matmul produces, as the compiled forward received it.  It is never lowered to aten math:
@@ -55,3 +57,18 @@ def _backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
 
 
 gated_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fxshear::gated_pruned_weight_grad", mutates_args=())
+def gated_pruned_weight_grad(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, in_features: int,
+                             impl: str, weight: torch.Tensor) -> torch.Tensor:
+    """A pruned Linear's weight gradient (``fxshear::pruned_weight_grad``), or zeros when frozen."""
+    if not weight.requires_grad:
+        return grad.new_zeros(grad.shape[-1], in_features)
+    return torch.ops.fxshear.pruned_weight_grad(grad, values, bits, in_features, impl)
+
+
+@gated_pruned_weight_grad.register_fake
+def _gated_pruned_weight_grad_fake(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, in_features: int,
+                                   impl: str, weight: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(grad.shape[-1], in_features)
