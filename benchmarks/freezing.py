@@ -125,20 +125,12 @@ class Runner:
             row["ledger_mib"] = step.saved_activation_bytes() / MIB
             row["active_fraction_mean"] = statistics.fmean(m.active_fraction for m in step.metrics)
             if step.policy is not None:
-                variant = sum(d.analysis_ledger(_requested(d, step)).activation_bytes
-                              for d in step.backend.dispatchers)
+                variant = sum(ledger.activation_bytes for ledger in step.ledgers(per_mask=True))
                 row["variant_ledger_mib"] = variant / MIB
         console.print(f"  {self.name}: {row['step_s_median']:.3f} s/step, saved {row['saved_mib_runtime']:.1f} MiB"
                       + (f", a per-mask variant would save {row['variant_ledger_mib']:.1f} MiB"
                          if "variant_ledger_mib" in row else ""))
         return row
-
-
-def _requested(dispatcher: Any, step: Any) -> frozenset[int]:
-    """The input indices of ``dispatcher``'s region that the current mask freezes."""
-    frozen = {id(arm.parameter) for arm, on in zip(step.arms, step.policy.mask.tolist()) if not on}
-    return frozenset(i for i in dispatcher.freezable
-                     if id(dispatcher.region.inputs[i].ref()) in frozen)
 
 
 def speed_and_memory(quick: bool) -> dict[str, Any]:
@@ -223,8 +215,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Per-step freezing: step time, saved bytes, loss",
         "",
-        f"Machine: {m.get('cpu_model', '?')} ({m.get('cpus', '?')} CPUs), torch {m.get('torch')}, "
-        f"{m.get('device', 'cpu')}. Command: `{results['command']}`.",
+        f"Machine: {m.get('processor', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('cpu_capability', '?')}), "
+        f"torch {m.get('torch')}, CPU; commit {m.get('git_commit')}, {m.get('date')}. "
+        f"Command: `{results['command']}` ({results.get('wall_s', 0) / 60:.0f} min).",
         "",
         "Whole training steps (forward, backward, fused AdamW, zero_grad), fp32, dropout 0.1; step = "
         "median of 25 timed steps after 2 warm-up steps, the configurations interleaved in rounds of 5 steps "

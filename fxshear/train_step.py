@@ -78,7 +78,7 @@ class TrainStep:
         #: Per arm: the last step (1-based) it received a gradient; 0 if never.
         self.last_gradient_step = [0] * len(self.arms)
         self._warned: set[int] = set()
-        self._norms: dict[int, float] = {}
+        self._norms: dict[int, torch.Tensor | None] = {}
         self._frozen_now: frozenset[int] = frozenset()
         self._leaked: set[int] = set()
         self._hooks = [arm.parameter.register_post_accumulate_grad_hook(self._make_hook(i))
@@ -87,7 +87,7 @@ class TrainStep:
 
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        mask = self.policy.sample() if self.policy is not None else None
+        mask = self._sample() if self.policy is not None else None
         frozen = parameters_of(self.arms, ~mask) if mask is not None else []
         self._frozen_now = frozenset(i for i, on in enumerate(mask.tolist()) if not on) if mask is not None else frozenset()
         self._norms = {}
@@ -117,6 +117,20 @@ class TrainStep:
             self.on_metrics(metrics)
         return result
 
+    def _sample(self) -> torch.Tensor:
+        """The policy's mask; under torch.distributed, rank 0's (every rank must freeze alike,
+        and each rank's policy learns from its own, not yet all-reduced, gradients)."""
+        mask = self.policy.sample()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shared = mask.to(torch.uint8)
+            backend = torch.distributed.get_backend()
+            if backend == "nccl":
+                shared = shared.cuda()
+            torch.distributed.broadcast(shared, src=0)
+            mask = shared.cpu().bool()
+            self.policy.mask = mask.clone()
+        return mask
+
     def _freeze_eagerly(self, frozen: Sequence[nn.Parameter]) -> list[nn.Parameter]:
         """Without a compiled model, freezing is autograd's own ``requires_grad``."""
         toggled = [p for p in frozen if p.requires_grad]
@@ -135,15 +149,21 @@ class TrainStep:
                                 "was computed and then dropped", self.arms[index].name)
                 return
             if parameter.grad is not None:
-                self._norms[index] = float(parameter.grad.detach().norm())
+                # A norm only when the policy learns from this step; kept as a tensor (no device sync).
+                self._norms[index] = (parameter.grad.detach().norm() if self.policy.wants_feedback
+                                      else None)
         return hook
 
     def _learn(self, mask: torch.Tensor) -> None:
-        norms = torch.zeros(len(self.arms), dtype=torch.float64)
-        for i, value in self._norms.items():
-            norms[i] = value
+        for i in self._norms:
             self.last_gradient_step[i] = self.step
-        self.policy.update(norms)
+        if self.policy.wants_feedback:
+            norms = torch.zeros(len(self.arms), dtype=torch.float64)
+            measured = {i: v for i, v in self._norms.items() if v is not None}
+            if measured:
+                values = torch.stack([v.float() for v in measured.values()]).double().cpu()
+                norms[list(measured)] = values
+            self.policy.update(norms)
         self._warn_stale()
 
     def _warn_stale(self) -> None:
@@ -165,16 +185,33 @@ class TrainStep:
 
     def saved_activation_bytes(self) -> int:
         """Activation bytes the graphs that ran last saved for backward (their ledgers)."""
+        return sum(ledger.activation_bytes for ledger in self.ledgers())
+
+    def ledgers(self, per_mask: bool = False) -> list[Any]:
+        """The saved-tensor ledgers of the graphs that ran last (one per trainable region).
+
+        ``per_mask=True``: for the current mask, what a per-mask variant would save (traced and
+        partitioned now, not compiled), i.e. the saved set with the frozen weights' gradients
+        and everything only they needed gone.
+        """
         if self.backend is None:
-            return 0
+            return []
         dispatched = {id(d.region): d for d in self.backend.dispatchers}
-        total = 0
+        frozen = ({id(arm.parameter) for arm, on in zip(self.arms, self.policy.mask.tolist()) if not on}
+                  if self.policy is not None else set())
+        out = []
         for region in self.backend.regions:
             if not region.has_backward:
                 continue
-            used = dispatched[id(region)].last if id(region) in dispatched else region
-            total += used.ledger.activation_bytes
-        return total
+            dispatcher = dispatched.get(id(region))
+            if dispatcher is None:
+                out.append(region.ledger)
+            elif per_mask:
+                mask = frozenset(i for i in dispatcher.freezable if id(region.inputs[i].ref()) in frozen)
+                out.append(dispatcher.analysis_ledger(mask))
+            else:
+                out.append(dispatcher.last.ledger)
+        return out
 
     def stale_arms(self) -> list[str]:
         """Arms that have gone ``stale_after`` steps or more without a gradient."""

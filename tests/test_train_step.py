@@ -172,3 +172,71 @@ def test_arms_are_block_linears(llama) -> None:  # noqa: ANN001
     toy = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     with pytest.raises(ConfigError, match="no trainable Linear weight"):
         find_arms(toy)
+
+
+class RecordingPolicy(fxshear.sched.FreezePolicy):
+    """Freezes arm 0 every step and records the feedback it is given."""
+
+    name = "recording"
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.feedback: list[torch.Tensor] = []
+
+    def _next_mask(self) -> torch.Tensor:
+        mask = torch.ones(self.n, dtype=torch.bool)
+        mask[0] = False
+        return mask
+
+    @property
+    def wants_feedback(self) -> bool:
+        return True
+
+    def update(self, gradient_norms: torch.Tensor) -> None:
+        self.feedback.append(gradient_norms.clone())
+
+
+def test_policy_learns_from_the_gradient_norms_of_the_active_arms(llama) -> None:  # noqa: ANN001
+    model = copy.deepcopy(llama.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    policy = RecordingPolicy(len(find_arms(model)))
+    expected = []
+
+    @fxshear.train_step(model, optimizer, freeze=policy, compile=False)
+    def step(batch):  # noqa: ANN001, ANN202
+        loss = llama.loss(model, batch)
+        loss.backward()
+        expected.append([0.0 if a.parameter.grad is None else float(a.parameter.grad.norm()) for a in step.arms])
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    step(llama.make_batch(2, 8))
+    (feedback,) = policy.feedback
+    assert feedback[0] == 0.0 and (feedback[1:] > 0).all()
+    torch.testing.assert_close(feedback, torch.tensor(expected[0], dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_distributed_ranks_share_rank_zeros_mask(llama, tmp_path) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = copy.deepcopy(llama.model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        step = make_step(llama, model, optimizer, freeze="random", compile=False)
+        step(llama.make_batch(2, 8))
+        assert step.metrics[-1].frozen_arms == int((~step.policy.mask).sum()) > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_per_mask_ledger_drops_what_only_frozen_weights_needed(llama) -> None:  # noqa: ANN001
+    model = copy.deepcopy(llama.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    step = make_step(llama, model, optimizer, freeze="fixed", active=["*layers.0.*"])
+    step(llama.make_batch(2, 16))
+    (full,) = step.ledgers()
+    (per_mask,) = step.ledgers(per_mask=True)
+    assert per_mask.activation_bytes < full.activation_bytes
+    assert step.saved_activation_bytes() == full.activation_bytes

@@ -101,6 +101,11 @@ class FreezePolicy:
     def _next_mask(self) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def wants_feedback(self) -> bool:
+        """Whether :meth:`update` will use the gradient norms of the step just sampled."""
+        return False
+
     def update(self, gradient_norms: torch.Tensor) -> None:
         """Feedback after the backward of the step just sampled (norms of active arms; others ignored)."""
 
@@ -141,6 +146,10 @@ class BanditPolicy(FreezePolicy):
             return self.mask
         draw = torch.rand(self.n, generator=self.generator, dtype=torch.float64) < self.p
         return _at_least_one(draw, self.generator)
+
+    @property
+    def wants_feedback(self) -> bool:
+        return self.sampled_this_step
 
     def update(self, gradient_norms: torch.Tensor) -> None:
         """The gradient-norm update, on sampling steps only (the held steps carry no new draw)."""
