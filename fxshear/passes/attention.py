@@ -19,15 +19,14 @@ import torch.fx
 
 from ..config import ShearConfig
 from .base import PassReport, excluded
-from .match import argument, call, dropout_arguments, is_float_tensor, is_function, is_method, only_user, outputs, requires_grad, tensor_value
+from .match import ADD_FUNCTIONS, DIV_FUNCTIONS, MUL_FUNCTIONS, argument, call, dropout_arguments, is_float_tensor, is_function, is_method, only_user, outputs, requires_grad, tensor_value
 
 NAME = "attention"
 
 _MATMUL = (torch.matmul, torch.ops.aten.matmul.default)
 _SOFTMAX = (torch.nn.functional.softmax, torch.softmax, torch.ops.aten.softmax.int)
-_ADD = (torch.add, torch.ops.aten.add.Tensor, operator.add, operator.iadd)
-_MUL = (torch.mul, operator.mul)
-_DIV = (torch.div, operator.truediv)
+# ``scores += mask`` too: HF's eager attention adds the mask in place on a fresh tensor.
+_ADD = (*ADD_FUNCTIONS, operator.iadd)
 
 
 def _ops() -> None:
@@ -101,11 +100,11 @@ def match_attention(softmax: torch.fx.Node) -> AttentionMatch | str | None:
         chain.insert(0, node)
         node = left
     scale = 1.0
-    if (is_function(node, *_MUL, *_DIV) or is_method(node, "mul", "div")) and len(node.args) == 2:
+    if (is_function(node, *MUL_FUNCTIONS, *DIV_FUNCTIONS) or is_method(node, "mul", "div")) and len(node.args) == 2:
         factor = _number(node.args[1])
         if factor is None:
             return "the scale is not a constant number"
-        scale = factor if (node.target in _MUL or node.target == "mul") else 1.0 / factor
+        scale = factor if (node.target in MUL_FUNCTIONS or node.target == "mul") else 1.0 / factor
         if len(node.args[0].users) != 1:
             return "the raw scores are used elsewhere"
         chain.insert(0, node)

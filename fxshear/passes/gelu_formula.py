@@ -20,13 +20,20 @@ import torch.fx
 
 from ..config import ShearConfig
 from .base import PassReport, excluded
-from .match import call, is_float_tensor, is_function, is_method, only_user, tensor_value
+from .match import (
+    ADD_FUNCTIONS,
+    DIV_FUNCTIONS,
+    MUL_FUNCTIONS,
+    call,
+    is_float_tensor,
+    is_function,
+    is_method,
+    only_user,
+    tensor_value,
+)
 
 NAME = "gelu_formula"
 
-_MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
-_DIV = (operator.truediv, torch.div, torch.ops.aten.div.Tensor)
-_ADD = (operator.add, torch.add, torch.ops.aten.add.Tensor)
 _POW = (operator.pow, torch.pow, torch.ops.aten.pow.Tensor_Scalar)
 _TANH = (torch.tanh, torch.ops.aten.tanh.default)
 _ERF = (torch.erf, torch.special.erf, torch.ops.aten.erf.default)
@@ -52,14 +59,14 @@ def _binary(node: object, functions: tuple[object, ...], method: str) -> tuple[o
 
 def _scaled(node: object, factor: float) -> object | None:
     """The operand ``y`` when ``node`` is ``factor · y`` (either order) or ``y / (1/factor)``."""
-    operands = _binary(node, _MUL, "mul")
+    operands = _binary(node, MUL_FUNCTIONS, "mul")
     if operands is not None:
         left, right = operands
         if _close(left, factor) and isinstance(right, torch.fx.Node):
             return right
         if _close(right, factor) and isinstance(left, torch.fx.Node):
             return left
-    operands = _binary(node, _DIV, "div")
+    operands = _binary(node, DIV_FUNCTIONS, "div")
     if operands is not None and _close(operands[1], 1.0 / factor) and isinstance(operands[0], torch.fx.Node):
         return operands[0]
     return None
@@ -67,7 +74,7 @@ def _scaled(node: object, factor: float) -> object | None:
 
 def _plus_one(node: object) -> object | None:
     """The operand ``y`` when ``node`` is ``1 + y`` or ``y + 1``."""
-    operands = _binary(node, _ADD, "add")
+    operands = _binary(node, ADD_FUNCTIONS, "add")
     if operands is None:
         return None
     left, right = operands
@@ -92,7 +99,7 @@ def _monomial(node: object, depth: int = 0) -> tuple[float, torch.fx.Node | None
         if inner is None or not isinstance(exponent, (int, float)) or float(exponent) != int(exponent):
             return None
         return inner[0] ** int(exponent), inner[1], inner[2] * int(exponent)
-    operands = _binary(node, _MUL, "mul")
+    operands = _binary(node, MUL_FUNCTIONS, "mul")
     if operands is not None:
         left, right = _monomial(operands[0], depth + 1), _monomial(operands[1], depth + 1)
         if left is None or right is None or (left[1] is not None and right[1] is not None and left[1] is not right[1]):
@@ -117,7 +124,7 @@ def _unary(node: object, functions: tuple[object, ...], method: str) -> torch.fx
 def _tanh_argument_x(argument: object) -> torch.fx.Node | None:
     """x when ``argument`` is ``√(2/π) · (x + 0.044715 · x³)``."""
     inner = _scaled(argument, SQRT_2_OVER_PI)
-    operands = _binary(inner, _ADD, "add")
+    operands = _binary(inner, ADD_FUNCTIONS, "add")
     if operands is None:
         return None
     for x, cubic in (operands, operands[::-1]):
@@ -135,7 +142,7 @@ def _erf_argument_x(argument: object) -> torch.fx.Node | None:
 def _half_x_times(final: torch.fx.Node, bracket: torch.fx.Node, x: torch.fx.Node) -> bool:
     """Whether ``final`` is ``(0.5·x)·bracket`` or ``(x·0.5)·bracket`` (``0.5·(x·bracket)`` is
     matched by the caller, which then has one more node)."""
-    operands = _binary(final, _MUL, "mul")
+    operands = _binary(final, MUL_FUNCTIONS, "mul")
     if operands is not None and bracket in operands:
         other = operands[1] if operands[0] is bracket else operands[0]
         return _is_monomial(other, 0.5, x, 1)
@@ -205,7 +212,7 @@ class GeluFormulaPass:
         sigmoid_of = _unary(node, _SIGMOID, "sigmoid")
         if sigmoid_of is not None:  # x * sigmoid(x)
             final = only_user(node)
-            operands = _binary(final, _MUL, "mul")
+            operands = _binary(final, MUL_FUNCTIONS, "mul")
             if operands is not None and set(operands) == {node, sigmoid_of}:
                 return final, sigmoid_of, "silu", "none", [node, final]
             return None
@@ -224,7 +231,7 @@ class GeluFormulaPass:
             return None
         if not _half_x_times(final, bracket, x):
             # 0.5 · (x · bracket) or (x · bracket) · 0.5
-            operands = _binary(final, _MUL, "mul")
+            operands = _binary(final, MUL_FUNCTIONS, "mul")
             if operands is None or set(operands) != {x, bracket}:
                 return None
             outer = only_user(final)

@@ -19,6 +19,11 @@ import torch.fx
 from .base import PASS_META_KEY, example_value
 
 LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
+# The spellings of a binary op Dynamo may record as a call_function (``a * b``, ``torch.mul``,
+# an aten overload in graphs that were already lowered); methods (``a.mul(b)``) are matched apart.
+ADD_FUNCTIONS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+MUL_FUNCTIONS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+DIV_FUNCTIONS = (operator.truediv, torch.div, torch.ops.aten.div.Tensor)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default}
 _GELU_FUNCTIONS = {torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default}
