@@ -36,3 +36,27 @@ def test_demo_help_lists_its_options_and_bad_values_are_rejected(
         with pytest.raises(SystemExit) as bad_exit:
             demo.parse_args(bad)
         assert bad_exit.value.code == 2, bad
+
+
+FREEZE_EXAMPLE = DEMO.parent / "freeze_minilm.py"
+
+
+def _load(path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_freeze_example_validates_and_runs(capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    example = _load(FREEZE_EXAMPLE, monkeypatch)
+    for bad in (["--sparsity", "1.0"], ["--freeze", "all"], ["--steps", "0"], ["--period", "0"]):
+        with pytest.raises(SystemExit) as bad_exit:
+            example.parse_args(bad)
+        assert bad_exit.value.code == 2, bad
+    assert example.main(["--steps", "2", "--batch", "2", "--seq", "16", "--period", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out" in out and "freeze='bandit'" in out
