@@ -34,12 +34,13 @@ test-fast: $(STAMP)
 inspect: $(STAMP)
 	$(PY) -m fxshear inspect --model minilm --batch 8 --seq 128 --html out/minilm-inspect.html
 
-# Benchmarks need an otherwise idle machine (about 20 + 12 + 16 + 23 minutes on 2 CPU cores).
+# Benchmarks need an otherwise idle machine (about 20 + 12 + 16 + 23 + 8 minutes on 2 CPU cores).
 bench: $(STAMP)
 	$(PY) benchmarks/saved_memory.py --suite exact
 	$(PY) benchmarks/saved_memory.py --suite pruning --no-peaks
 	$(PY) benchmarks/prune_fidelity.py
 	$(PY) benchmarks/freezing.py
+	$(PY) benchmarks/freezing_backward.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
