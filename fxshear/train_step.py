@@ -37,7 +37,7 @@ from .backend import ShearBackend
 from .config import ConfigError, ShearConfig
 from .log import log
 from .sched import BanditPolicy, BanditSettings, FixedPolicy, FreezePolicy, RandomPolicy, RoundRobinPolicy
-from .sched.arms import Arm, block_groups, find_arms, parameters_of, unique_parameters
+from .sched.arms import Arm, block_groups, find_arms, unique_parameters
 from .sched.state import set_frozen
 
 FREEZE_CHOICES = (None, "bandit", "random", "round_robin", "fixed")
@@ -60,7 +60,12 @@ class StepMetrics:
 
 
 class TrainStep:
-    """The decorated step; call it like the function it wraps."""
+    """The decorated step; call it like the function it wraps.
+
+    One call is one optimizer step: the mask is drawn before it, and a frozen weight's ``.grad``
+    is cleared at its start (gradient accumulation across calls would lose a frozen weight's
+    earlier micro-batches; accumulate inside one call instead).
+    """
 
     def __init__(self, fn: Callable[..., Any], model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  policy: FreezePolicy | None, arms: Sequence[Arm], backend: ShearBackend | None,
@@ -88,8 +93,9 @@ class TrainStep:
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         mask = self._sample() if self.policy is not None else None
-        frozen = parameters_of(self.arms, ~mask) if mask is not None else []
-        self._frozen_now = frozenset(i for i, on in enumerate(mask.tolist()) if not on) if mask is not None else frozenset()
+        frozen_indices = [i for i, on in enumerate(mask.tolist()) if not on] if mask is not None else []
+        frozen = [self.arms[i].parameter for i in frozen_indices]
+        self._frozen_now = frozenset(frozen_indices)
         self._norms = {}
         for p in frozen:
             p.grad = None  # a zero tensor left by zero_grad(set_to_none=False) would still be stepped
@@ -106,7 +112,7 @@ class TrainStep:
                 p.requires_grad_(True)
         seconds = time.perf_counter() - start
         if self.policy is not None:
-            self._learn(mask)
+            self._learn()
         metrics = StepMetrics(
             step=self.step, seconds=seconds, loss=_as_float(result),
             active_fraction=float(mask.double().mean()) if mask is not None else 1.0,
@@ -154,7 +160,7 @@ class TrainStep:
                                       else None)
         return hook
 
-    def _learn(self, mask: torch.Tensor) -> None:
+    def _learn(self) -> None:
         for i in self._norms:
             self.last_gradient_step[i] = self.step
         if self.policy.wants_feedback:

@@ -14,7 +14,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..config import ConfigError
@@ -77,8 +76,3 @@ def unique_parameters(arms: Sequence[Arm]) -> None:
             raise ConfigError(f"{arm.name} and {seen[id(arm.parameter)]} are the same tensor; "
                               f"a tied weight cannot be one arm frozen and another trained")
         seen[id(arm.parameter)] = arm.name
-
-
-def parameters_of(arms: Sequence[Arm], mask: torch.Tensor) -> list[nn.Parameter]:
-    """The parameters of the arms where ``mask`` is True."""
-    return [arm.parameter for arm, on in zip(arms, mask.tolist()) if on]
