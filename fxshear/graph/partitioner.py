@@ -20,6 +20,7 @@ import torch.fx
 
 from ..compat import CustomPartitionerFn, activation_memory_budget, get_hash_for_files, min_cut_rematerialization_partition
 from ..config import ShearConfig
+from ..log import log
 from .freeze import drop_gradients, gate_gradients
 
 
@@ -185,6 +186,9 @@ class ShearPartitioner(CustomPartitionerFn):
             drop_gradients(gm, num_fwd_outputs, sorted(self.frozen))
         if self.gated:
             self.gate_report = gate_gradients(gm, num_fwd_outputs, sorted(self.gated))
+            for index, reason in sorted(self.gate_report.ungated.items()):
+                # Freezing this input still gives it no gradient; only its compute is not skipped.
+                log.info("fxshear: freezing input %d skips no matmul: %s", index, reason)
         joint_text = readable_graph(gm) if recorder is not None else ""
         pin_ops(gm)
         self.effective_budget = self._budget(gm, joint_inputs, kwargs)
