@@ -213,8 +213,7 @@ class TrainStep:
             if dispatcher is None:
                 out.append(region.ledger)
             elif per_mask:
-                mask = frozenset(i for i in dispatcher.freezable if id(region.inputs[i].ref()) in frozen)
-                out.append(dispatcher.analysis_ledger(mask))
+                out.append(dispatcher.analysis_ledger(dispatcher.mask_of(frozen)))
             else:
                 out.append(dispatcher.last.ledger)
         return out

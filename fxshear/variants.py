@@ -85,14 +85,22 @@ class FreezeDispatcher:
                 self._no_variants_reason = f"compiling a variant failed ({type(error).__name__}: {error})"
                 log.warning("fxshear: %s: %s; every mask now runs the gated full graph",
                             self.region.name, self._no_variants_reason)
-        # The variant freezing the most of what is asked (the full graph freezes nothing).
+        return self._best_cached(requested)
+
+    def _best_cached(self, requested: frozenset[int]) -> tuple[Region, Callable]:
+        """The cached variant freezing the most of what is asked (the full graph freezes nothing)."""
         best = max((mask for mask in self.variants if mask <= requested), key=len)
         return self.variants[best]
 
+    def _variant_region(self, mask: frozenset[int]) -> Region:
+        """The region of a variant dropping the gradients of ``mask`` (nothing recorded yet)."""
+        base = self.region
+        return dataclasses.replace(base, frozen=mask, gated=base.gated - mask, saved=None, graphs=None,
+                                   replayed=False, effective_budget=None)
+
     def _compile_variant(self, mask: frozenset[int]) -> tuple[Region, Callable]:
         base = self.region
-        variant = dataclasses.replace(base, frozen=mask, gated=base.gated - mask, saved=None, graphs=None,
-                                      replayed=False, effective_budget=None)
+        variant = self._variant_region(mask)
         start = time.perf_counter()
         fn = compile_and_record(copy_graph_module(base.graph), variant.example_inputs(), base.cfg,
                                 variant.recorder(id(variant.graph.graph)), codegen=self.codegen,
@@ -106,20 +114,18 @@ class FreezeDispatcher:
         return variant, fn
 
     # -- inspection -------------------------------------------------------------------------
+    def mask_of(self, parameter_ids: frozenset[int] | set[int]) -> frozenset[int]:
+        """The input indices of this region holding the parameters with these ``id``s."""
+        return frozenset(i for i in self.freezable if id(self.region.inputs[i].ref()) in parameter_ids)
+
     def ledger_for(self, mask: frozenset[int]) -> Any:
         """The saved-tensor ledger of the graph that runs for ``mask`` (input indices frozen)."""
-        return self._variant_for_existing(mask).ledger
-
-    def _variant_for_existing(self, mask: frozenset[int]) -> Region:
-        best = max((m for m in self.variants if m <= mask), key=len)
-        return self.variants[best][0]
+        return self._best_cached(mask)[0].ledger
 
     def analysis_ledger(self, mask: frozenset[int]) -> Any:
         """What a variant for ``mask`` would save (a trace and partition, no code generation):
         the memory per-mask variants buy, whether or not one is compiled."""
-        base = self.region
-        probe = dataclasses.replace(base, frozen=frozenset(mask), gated=base.gated - frozenset(mask),
-                                    saved=None, graphs=None, replayed=False)
+        probe = self._variant_region(frozenset(mask))
         probe.replay()
         return probe.ledger
 

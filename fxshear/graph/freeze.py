@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+
 def _gated_targets() -> dict[object, object]:
     """Ops that compute a weight gradient, each with its gated twin (the weight as last argument)."""
     return {torch.ops.aten.mm.default: torch.ops.fxshear.gated_mm.default,
@@ -83,14 +84,16 @@ def _depends_on_tangents(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     return backward
 
 
-def _exclusive_cone(gm: torch.fx.GraphModule, root: torch.fx.Node) -> list[torch.fx.Node]:
-    """``root`` and every node whose users all lie in the cone: what only this gradient needs."""
+def _exclusive_cone(order: list[torch.fx.Node], position: dict[torch.fx.Node, int],
+                    root: torch.fx.Node) -> set[torch.fx.Node]:
+    """``root`` and every node whose users all lie in the cone: what only this gradient needs.
+
+    ``order`` is the graph's nodes in order and ``position`` their index in it."""
     cone = {root}
-    order = list(gm.graph.nodes)
-    for node in reversed(order[: order.index(root)]):
+    for node in reversed(order[: position[root]]):
         if node.op == "call_function" and node.users and all(u in cone for u in node.users):
             cone.add(node)
-    return [n for n in order if n in cone]
+    return cone
 
 
 def gate_gradients(gm: torch.fx.GraphModule, num_fwd_outputs: int, indices: Iterable[int]) -> GateReport:
@@ -104,14 +107,17 @@ def gate_gradients(gm: torch.fx.GraphModule, num_fwd_outputs: int, indices: Iter
     placeholders = primals(gm)
     outs = gradient_outputs(gm, num_fwd_outputs)
     backward = _depends_on_tangents(gm)
+    order = list(gm.graph.nodes)
+    position = {node: i for i, node in enumerate(order)}
     changed = False
     for i in indices:
         grad = outs[i] if i < len(outs) else None
         if not isinstance(grad, torch.fx.Node):
             report.ungated[i] = "no gradient output"
             continue
-        matmuls = [n for n in _exclusive_cone(gm, grad)
-                   if n.op == "call_function" and n.target in targets and n in backward]
+        cone = _exclusive_cone(order, position, grad)
+        matmuls = [n for n in order if n in cone and n.op == "call_function" and n.target in targets
+                   and n in backward]
         if not matmuls:
             report.ungated[i] = "its gradient is computed without a matmul only it uses"
             continue

@@ -180,7 +180,6 @@ class ShearPartitioner(CustomPartitionerFn):
 
         register_flop_formulas()
         recorder = current_recorder.get()
-        # The partitioner consumes the joint graph; render it first.
         num_fwd_outputs = int(kwargs["num_fwd_outputs"])
         if self.frozen:
             drop_gradients(gm, num_fwd_outputs, sorted(self.frozen))
@@ -189,6 +188,7 @@ class ShearPartitioner(CustomPartitionerFn):
             for index, reason in sorted(self.gate_report.ungated.items()):
                 # Freezing this input still gives it no gradient; only its compute is not skipped.
                 log.info("fxshear: freezing input %d skips no matmul: %s", index, reason)
+        # The partitioner consumes the joint graph; render it first.
         joint_text = readable_graph(gm) if recorder is not None else ""
         pin_ops(gm)
         self.effective_budget = self._budget(gm, joint_inputs, kwargs)
