@@ -15,6 +15,7 @@ from fxshear.kernels.dropout_bits import (
     dropout_draw,
     noise_value,
     pack_bits,
+    pack_bits_now,
     packed_numel,
     unpack_bits,
 )
@@ -159,6 +160,20 @@ def test_pack_roundtrip_and_bit_order(shape: tuple[int, ...], density: float) ->
     flat = mask.reshape(-1).tolist()
     expected = [sum(int(v) << j for j, v in enumerate(flat[8 * i: 8 * i + 8])) for i in range(bits.numel())]
     assert bits.tolist() == expected  # element i -> byte i // 8, bit i % 8, pad bits 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(0, 19), min_size=1, max_size=3).map(tuple), density=st.floats(0, 1),
+       transpose=st.booleans(), as_uint8=st.booleans())
+def test_eager_packing_matches_traceable_packing(shape: tuple[int, ...], density: float, transpose: bool,
+                                                 as_uint8: bool) -> None:
+    """The numpy packing the draw ops use on CPU writes exactly pack_bits' layout, strided input too."""
+    mask = torch.rand(shape) < density
+    if transpose:
+        mask = mask.transpose(0, -1)
+    if as_uint8:
+        mask = mask.to(torch.uint8)
+    assert torch.equal(pack_bits_now(mask), pack_bits(mask))
 
 
 def test_noise_value_is_eagers_noise() -> None:

@@ -8,6 +8,7 @@ same layout.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 BITS_PER_BYTE = 8
@@ -29,6 +30,19 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     for lane in range(1, BITS_PER_BYTE):
         packed = packed | (lanes[:, lane] << lane)
     return packed
+
+
+def pack_bits_now(flags: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_bits` for code that runs eagerly (the body of a custom op), not traced.
+
+    Why: eager aten packing is 15 small passes over the flags (~0.5 ns per flag on a CPU core);
+    on CPU ``numpy.packbits`` writes the same little-endian layout in one (~0.05 ns per flag).
+    Other devices, and tensor subclasses (fake or functional tensors), use :func:`pack_bits`.
+    """
+    if type(flags) is not torch.Tensor or flags.device.type != "cpu" or flags.requires_grad:
+        return pack_bits(flags)
+    flat = flags.detach().numpy().reshape(-1).astype(np.bool_, copy=False)
+    return torch.from_numpy(np.packbits(flat, bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:

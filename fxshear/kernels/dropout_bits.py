@@ -43,7 +43,7 @@ import struct
 
 import torch
 
-from .bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits  # noqa: F401  (re-exported)
+from .bits import BITS_PER_BYTE, pack_bits, pack_bits_now, packed_numel, unpack_bits  # noqa: F401  (re-exported)
 from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
 from .lowering import register_cpu_lowering
 
@@ -120,8 +120,8 @@ def _check_bits(bits: torch.Tensor, numel: int) -> None:
 def draw_mask(noise: torch.Tensor, p: float, impl: str) -> torch.Tensor:
     """The packed mask eager ``F.dropout`` draws for a tensor laid out like ``noise``.
 
-    ``noise`` is a scratch tensor of the dropout input's shape, dtype, device and strides; its
-    values are overwritten (CPU) or ignored (CUDA).  Eager's draw depends on nothing else, so the
+    ``noise`` stands for the dropout input: only its shape, dtype, device and strides matter
+    (its values are ignored).  Eager's draw depends on nothing else, so the
     generator moves exactly as eager's does.  p == 0, p == 1 and empty tensors draw nothing.
     """
     _check_p(p)
@@ -133,10 +133,14 @@ def draw_mask(noise: torch.Tensor, p: float, impl: str) -> torch.Tensor:
             return pack_bits_triton(keep)
         return pack_bits(keep)
     if p == 0.0 or noise.numel() == 0:
-        return pack_bits(torch.ones(noise.shape, dtype=torch.bool, device=noise.device))
+        return pack_bits_now(torch.ones(noise.shape, dtype=torch.bool, device=noise.device))
     if p == 1.0:
-        return pack_bits(torch.zeros(noise.shape, dtype=torch.bool, device=noise.device))
-    return pack_bits(noise.bernoulli_(1.0 - p) != 0)
+        return pack_bits_now(torch.zeros(noise.shape, dtype=torch.bool, device=noise.device))
+    # A bool scratch with the noise tensor's strides draws the same flags from the same generator
+    # state as eager's float noise (one uniform double per element, in the same order; the MKL
+    # path draws ints and converts), and skips writing 4 bytes per element and a comparison.
+    keep = torch.empty_like(noise, dtype=torch.bool).bernoulli_(1.0 - p)
+    return pack_bits_now(keep)
 
 
 # nondeterministic_seeded: the compiler must neither merge two calls, nor move one across another
