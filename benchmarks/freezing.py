@@ -40,7 +40,8 @@ from fxshear.data import load_docstring_dataset
 from fxshear.models import build_model, load_minilm_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_fidelity import _load_example  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import finetune_minilm  # noqa: E402  (the docstring task's batches, model and evaluation)
 from saved_memory import machine_info  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +165,7 @@ def speed_and_memory(quick: bool) -> dict[str, Any]:
 
 
 def loss_curves(steps: int, batch_size: int, seq_len: int, lr: float) -> dict[str, Any]:
-    example_module = _load_example()
+    example_module = finetune_minilm
     dataset = load_docstring_dataset(num_classes=example_module.NUM_CLASSES, seed=SEED)
     tokenizer = load_minilm_tokenizer()
     batches = example_module.training_batches(dataset, tokenizer, batch_size, seq_len, steps)

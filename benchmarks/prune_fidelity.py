@@ -26,7 +26,6 @@ Writes ``prune_fidelity.json`` (with every step's loss) and ``prune_fidelity.md`
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -47,23 +46,14 @@ from fxshear.data import load_docstring_dataset
 from fxshear.models import build_model, load_minilm_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import finetune_minilm  # noqa: E402  (its data split, training loop and evaluation)
 from saved_memory import machine_info  # noqa: E402  (the same machine record as the other benchmark)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "pruning"
 SEED = 0
 console = Console(width=160)
-
-
-def _load_example() -> Any:
-    """examples/finetune_minilm.py as a module: its data split, training loop and evaluation."""
-    path = REPO_ROOT / "examples" / "finetune_minilm.py"
-    spec = importlib.util.spec_from_file_location("finetune_minilm", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = settings(keep_ratios)
 
     start = time.perf_counter()
-    example = _load_example()
+    example = finetune_minilm
     dataset = load_docstring_dataset(num_classes=example.NUM_CLASSES, seed=SEED)
     tokenizer = load_minilm_tokenizer()
     (batch,) = example.training_batches(dataset, tokenizer, args.batch, args.seq, 1)

@@ -14,10 +14,7 @@ Same task, data and evaluation as ``examples/finetune_minilm.py`` (``make demo``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -27,22 +24,13 @@ import fxshear
 from fxshear.data import load_docstring_dataset
 from fxshear.models import load_minilm_tokenizer
 
+import finetune_minilm as finetune  # the sibling example (this script's folder is on sys.path)
+
 console = Console()
-
-
-def _finetune_module():  # noqa: ANN202 - the sibling example, for its data split and evaluation
-    path = Path(__file__).resolve().parent / "finetune_minilm.py"
-    spec = importlib.util.spec_from_file_location("finetune_minilm", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options; bad values exit with status 2 and a message before anything is loaded."""
-    finetune = _finetune_module()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--freeze", default="bandit", choices=("bandit", "random", "round_robin", "none"))
@@ -63,7 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    finetune = _finetune_module()
     dataset = load_docstring_dataset(num_classes=finetune.NUM_CLASSES, seed=finetune.SEED)
     tokenizer = load_minilm_tokenizer()
     batches = finetune.training_batches(dataset, tokenizer, args.batch, args.seq, args.steps)

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "finetune_minilm.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _import_example(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """An example script as a module, imported the way it imports its sibling (its folder on
+    sys.path); its main() only runs under __main__."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    return importlib.import_module(name)
 
 
 def test_demo_help_lists_its_options_and_bad_values_are_rejected(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spec = importlib.util.spec_from_file_location("finetune_minilm", DEMO)
-    assert spec is not None and spec.loader is not None
-    demo = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, demo)  # dataclasses look their module up
-    spec.loader.exec_module(demo)  # main() only runs under __main__
+    demo = _import_example("finetune_minilm", monkeypatch)
 
     with pytest.raises(SystemExit) as help_exit:
         demo.parse_args(["--help"])
@@ -38,21 +41,9 @@ def test_demo_help_lists_its_options_and_bad_values_are_rejected(
         assert bad_exit.value.code == 2, bad
 
 
-FREEZE_EXAMPLE = DEMO.parent / "freeze_minilm.py"
-
-
-def _load(path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_freeze_example_validates_and_runs(capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    example = _load(FREEZE_EXAMPLE, monkeypatch)
+    example = _import_example("freeze_minilm", monkeypatch)
     for bad in (["--sparsity", "1.0"], ["--freeze", "all"], ["--steps", "0"], ["--period", "0"]):
         with pytest.raises(SystemExit) as bad_exit:
             example.parse_args(bad)
