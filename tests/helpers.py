@@ -46,6 +46,23 @@ def with_2bit_activations(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
+def opaque_fxshear_ops(graph: torch.fx.Graph) -> list[object]:
+    """fxshear ops left in a graph after lowering, other than the CPU bit unpack.
+
+    ``fxshear::unpack_flags`` stays opaque on purpose (Inductor vectorizes its consumers only
+    when the flags arrive dense; see ``fxshear/kernels/bits.py``)."""
+    unpack = torch.ops.fxshear.unpack_flags.default
+    return [n.target for n in graph.nodes
+            if n.op == "call_function" and "fxshear" in str(n.target) and n.target is not unpack]
+
+
+def fxshear_ops_in_code(code: str) -> set[str]:
+    """Names of the fxshear ops generated code calls, the CPU bit unpack left out."""
+    import re
+
+    return set(re.findall(r"torch\.ops\.fxshear\.(\w+)", code)) - {"unpack_flags"}
+
+
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 

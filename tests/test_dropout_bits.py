@@ -176,6 +176,47 @@ def test_eager_packing_matches_traceable_packing(shape: tuple[int, ...], density
     assert torch.equal(pack_bits_now(mask), pack_bits(mask))
 
 
+@settings(max_examples=40, deadline=None)
+@given(numel=st.integers(0, 200), density=st.floats(0, 1), spare=st.integers(0, 7))
+def test_cpu_unpack_op_matches_the_aten_math(numel: int, density: float, spare: int) -> None:
+    """fxshear::unpack_flags (numpy on CPU) reads exactly what the traceable math reads."""
+    from fxshear.kernels.bits import unpack_bits_math
+
+    mask = torch.rand(numel) < density
+    bits = pack_bits(mask)
+    flags = torch.ops.fxshear.unpack_flags(bits, numel)
+    assert flags.dtype == torch.bool and torch.equal(flags, mask)
+    assert torch.equal(unpack_bits_math(bits, numel), mask)
+    prefix = max(numel - spare, 0)  # fewer flags than the bytes hold: the first ones
+    assert torch.equal(torch.ops.fxshear.unpack_flags(bits, prefix), mask[:prefix])
+
+
+def test_cpu_unpack_op_checks() -> None:
+    bits = pack_bits(torch.rand(37) < 0.5)
+    torch.library.opcheck(torch.ops.fxshear.unpack_flags.default, (bits, 37))
+    with pytest.raises(ValueError, match="hold 40 flags"):
+        torch.ops.fxshear.unpack_flags(bits, 41)
+
+
+def test_lowering_unpacks_each_mask_once() -> None:
+    """Two lowered reads of the same bits share one unpack (an opaque op is not CSE'd)."""
+    from fxshear.kernels.lowering import LowerOpsOnCpu
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(4, 8)
+    bits = pack_bits(torch.rand(4, 8) < 0.8)
+
+    def twice(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        return dropout_apply(x, bits, 0.2, "torch") + dropout_apply(x * 2, bits, 0.2, "torch")
+
+    gm = make_fx(twice, tracing_mode="fake")(x, bits)
+    LowerOpsOnCpu()(gm.graph)
+    gm.recompile()
+    unpacks = [n for n in gm.graph.nodes if n.target is torch.ops.fxshear.unpack_flags.default]
+    assert len(unpacks) == 1
+    torch.testing.assert_close(gm(x, bits), twice(x, bits))
+
+
 def test_noise_value_is_eagers_noise() -> None:
     """The Python constant of the lowering equals eager's ``ones.div_(1 - p)`` in every dtype."""
     generator = torch.Generator().manual_seed(0)

@@ -20,6 +20,7 @@ import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..compat import CustomGraphPass, get_hash_for_files, native_random
+from . import bits as _bits  # noqa: F401  (defines fxshear::unpack_flags, which _share_unpacks merges)
 
 # op overload -> function with the op's own signature, made only of traceable aten math
 _LOWERINGS: dict[object, Callable[..., object]] = {}
@@ -95,6 +96,24 @@ def _impl_arg(node: torch.fx.Node) -> object:
     return None
 
 
+def _share_unpacks(graph: torch.fx.Graph) -> None:
+    """One ``fxshear::unpack_flags`` per (bits, numel): lowerings that read the same mask (e.g.
+    the attention backward, twice) would otherwise each unpack it, and an opaque op is not CSE'd."""
+    unpack = torch.ops.fxshear.unpack_flags.default
+    first: dict[tuple[object, ...], torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not unpack:
+            continue
+        key = (*node.args, *sorted(node.kwargs.items()))
+        try:
+            earlier = first.setdefault(key, node)
+        except TypeError:  # an unhashable argument: leave this call alone
+            continue
+        if earlier is not node:
+            node.replace_all_uses_with(earlier)
+            graph.erase_node(node)
+
+
 class LowerOpsOnCpu(CustomGraphPass):
     """Post-grad pass: replace CPU calls of registered fxshear ops by their aten math."""
 
@@ -122,6 +141,7 @@ class LowerOpsOnCpu(CustomGraphPass):
                 graph.erase_node(node)
         if inlined_random and not native_random(graph):
             raise RuntimeError("this torch has no Inductor random-op rewrite for fxshear's fast dropout draws")
+        _share_unpacks(graph)
 
     def uuid(self) -> bytes:
         from ..graph.partitioner import fxshear_source_files
