@@ -42,6 +42,7 @@ from fxshear.models import build_model, load_minilm_tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import finetune_minilm  # noqa: E402  (the docstring task's batches, model and evaluation)
+import freeze_minilm  # noqa: E402  (the decorated fine-tuning loop)
 from saved_memory import machine_info  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -175,22 +176,7 @@ def loss_curves(steps: int, batch_size: int, seq_len: int, lr: float) -> dict[st
     out: dict[str, Any] = {}
     for name, options in runs.items():
         torch._dynamo.reset()
-        example = example_module.fresh_model()
-        model = example.model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
-
-        @fxshear.train_step(model, optimizer, seed=SEED, preset="exact", **options)
-        def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            loss = example.loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        torch.manual_seed(SEED)
-        for batch in batches:
-            step(batch)
-        held_loss, held_acc = example_module.evaluate(model, held_out)
+        step, held_loss, held_acc = freeze_minilm.fine_tune(batches, held_out, lr=lr, preset="exact", **options)
         losses = [m.loss for m in step.metrics]
         out[name] = {
             "options": options, "losses": losses,

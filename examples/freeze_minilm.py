@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -27,6 +29,7 @@ from fxshear.models import load_minilm_tokenizer
 import finetune_minilm as finetune  # the sibling example (this script's folder is on sys.path)
 
 console = Console()
+Batch = dict[str, torch.Tensor]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,21 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    dataset = load_docstring_dataset(num_classes=finetune.NUM_CLASSES, seed=finetune.SEED)
-    tokenizer = load_minilm_tokenizer()
-    batches = finetune.training_batches(dataset, tokenizer, args.batch, args.seq, args.steps)
-    held_out = finetune.held_out_batches(dataset, tokenizer, args.batch, args.seq)
+def fine_tune(batches: list[Batch], held_out: list[Batch], *, lr: float,
+              on_step: Callable[[fxshear.TrainStep], None] | None = None,
+              **train_step_options: Any) -> tuple[fxshear.TrainStep, float, float]:
+    """A fresh pretrained MiniLM fine-tuned on ``batches``, one decorated step per batch.
 
+    Returns the step (its metrics, arms and policy) and the held-out loss and accuracy.
+    ``train_step_options`` go to :func:`fxshear.train_step` (``freeze``, ``sparsity``, ...).
+    """
     example = finetune.fresh_model()
     model = example.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    freeze = None if args.freeze == "none" else args.freeze
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
 
-    @fxshear.train_step(model, optimizer, freeze=freeze, sparsity=args.sparsity, period=args.period,
-                        preset=args.preset)
-    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    @fxshear.train_step(model, optimizer, seed=finetune.SEED, **train_step_options)
+    def step(batch: Batch) -> torch.Tensor:
         loss = example.loss(model, batch)
         loss.backward()
         optimizer.step()
@@ -71,13 +73,31 @@ def main(argv: list[str] | None = None) -> int:
         return loss
 
     torch.manual_seed(finetune.SEED)
-    with console.status("step 1 compiles (a minute on CPU)…") as status:
-        for i, batch in enumerate(batches, start=1):
-            step(batch)
-            m = step.metrics[-1]
-            status.update(f"step {i}/{len(batches)}: loss {m.loss:.3f}, {m.seconds:.2f} s, "
-                          f"{m.frozen_arms} of {len(step.arms)} block weights frozen")
+    for batch in batches:
+        step(batch)
+        if on_step is not None:
+            on_step(step)
     held_loss, held_accuracy = finetune.evaluate(model, held_out)
+    return step, held_loss, held_accuracy
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dataset = load_docstring_dataset(num_classes=finetune.NUM_CLASSES, seed=finetune.SEED)
+    tokenizer = load_minilm_tokenizer()
+    batches = finetune.training_batches(dataset, tokenizer, args.batch, args.seq, args.steps)
+    held_out = finetune.held_out_batches(dataset, tokenizer, args.batch, args.seq)
+
+    freeze = None if args.freeze == "none" else args.freeze
+    with console.status("step 1 compiles (a minute on CPU)…") as status:
+        def show(step: fxshear.TrainStep) -> None:
+            m = step.metrics[-1]
+            status.update(f"step {m.step}/{len(batches)}: loss {m.loss:.3f}, {m.seconds:.2f} s, "
+                          f"{m.frozen_arms} of {len(step.arms)} block weights frozen")
+
+        step, held_loss, held_accuracy = fine_tune(batches, held_out, lr=args.lr, on_step=show, freeze=freeze,
+                                                   sparsity=args.sparsity, period=args.period,
+                                                   preset=args.preset)
 
     steady = step.metrics[1:] or step.metrics
     table = Table(title=f"MiniLM, freeze={args.freeze!r}, sparsity {args.sparsity if freeze else 0}, "
