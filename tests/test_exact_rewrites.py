@@ -144,19 +144,60 @@ def test_each_pass_reports_what_it_left_alone() -> None:
     assert any("feeds no Linear" in reason for reason in skipped["share_norms"])
 
 
-def test_cross_entropy_without_a_fusable_reduction_is_left_alone() -> None:
+def _per_token_loss(model, batch, class_weight):  # noqa: ANN001, ANN202
+    """A hand-written causal-LM loss: shifted logits (both spellings of the slice), per-token,
+    class-weighted, label-smoothed, masked mean."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    if class_weight is not None:
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    else:
+        flat = logits[..., :-1, :].contiguous().float().view(-1, logits.shape[-1])
+    labels = batch["labels"][:, 1:].clone()
+    labels[:, ::3] = -100
+    rows = torch.nn.functional.cross_entropy(flat, labels.reshape(-1),
+                                             weight=class_weight, reduction="none", label_smoothing=0.1)
+    keep = torch.ones_like(rows).reshape(labels.shape)
+    keep[0] = 0.5  # a per-sample weight: what reduction="none" is for
+    return (rows.reshape(labels.shape) * keep).sum() / keep.sum()
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class_weight"])
+def test_fused_loss_with_per_token_losses_and_class_weights(weighted: bool) -> None:
+    """reduction="none" (and a class weight): fused, no [tokens, vocab] tensor in the ledger,
+    loss and gradients equal eager."""
+    example = build_model("llama", dropout=False)
+    vocab = example.model.config.vocab_size
+    batch = example.make_batch(2, 16, seed=3)
+    class_weight = torch.rand(vocab, generator=torch.Generator().manual_seed(0)) + 0.5 if weighted else None
+    eager_loss = _per_token_loss(example.model, batch, class_weight)
+    eager_loss.backward()
+    eager_grads = grads(example.model)
+    example.model.zero_grad(set_to_none=True)
+    backend = analysis_backend()
+    loss = torch.compile(_per_token_loss, backend=backend)(example.model, batch, class_weight)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close_in_norm(grads(example.model), eager_grads, rel=2e-5, floor=1e-4)
+    report = next(r for region in backend.regions for r in region.pass_reports if r.name == "fused_loss")
+    assert len(report.rewritten) == 1 and "none" in report.rewritten[0]
+    assert ("class weights" in report.rewritten[0]) == weighted
+    assert not [e for e in _activation_entries(backend) if e.shape and e.shape[-1] == vocab]
+
+
+def test_cross_entropy_over_a_slice_of_the_vocabulary_is_left_alone() -> None:
+    """Dropping vocabulary columns before the loss changes the softmax: not the fused pattern."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50)
     hidden = torch.randn(12, 16, requires_grad=True)
-    target = torch.randint(0, 50, (12,))
+    target = torch.randint(0, 40, (12,))
 
     def loss_fn(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(head(h), t, reduction="none").sum()
+        return torch.nn.functional.cross_entropy(head(h)[:, :40], t)
 
     backend = analysis_backend()
     torch.compile(loss_fn, backend=backend)(hidden, target).backward()
     report = next(r for region in backend.regions for r in region.pass_reports if r.name == "fused_loss")
-    assert not report.rewritten and "reduction='none'" in report.skipped[0].reason
+    assert not report.rewritten and "vocabulary dimension" in report.skipped[0].reason
 
 
 def test_inspection_lists_bytes_removed_per_pass() -> None:

@@ -17,6 +17,7 @@ from fxshear.kernels.linear_cross_entropy import (
     default_chunk_size,
     fused_linear_cross_entropy,
     linear_cross_entropy,
+    linear_cross_entropy_backward,
 )
 
 LOW_DTYPES = [torch.bfloat16, torch.float16]
@@ -41,17 +42,32 @@ def leaves(hidden, weight, bias):  # noqa: ANN001, ANN201
     return [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
 
 
-def eager(hidden, weight, bias, target, *, logits_fp32=True, **kwargs):  # noqa: ANN001, ANN003, ANN201
+def _scalar(loss: torch.Tensor) -> torch.Tensor:
+    """Per-token losses (reduction="none") weighted by fixed factors of both signs, so each row's
+    gradient reaches the leaves with its own incoming gradient."""
+    if loss.dim() == 0:
+        return loss
+    factors = torch.linspace(-1.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    return (loss * factors).sum()
+
+
+def eager(hidden, weight, bias, target, *, logits_fp32=True, class_weight=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
     logits = F.linear(hidden, weight, bias)
     if logits_fp32:
         logits = logits.float() if logits.dtype != torch.float64 else logits
-    loss = F.cross_entropy(logits, target, **kwargs)
-    return loss, torch.autograd.grad(loss, leaves(hidden, weight, bias)) if loss.requires_grad else ()
+    if class_weight is not None:
+        class_weight = class_weight.to(logits.dtype)
+    loss = F.cross_entropy(logits, target, weight=class_weight, **kwargs)
+    return loss, torch.autograd.grad(_scalar(loss), leaves(hidden, weight, bias)) if loss.requires_grad else ()
 
 
 def fused(hidden, weight, bias, target, **kwargs):  # noqa: ANN001, ANN003, ANN201
     loss = fused_linear_cross_entropy(hidden, weight, bias, target, **kwargs)
-    return loss, torch.autograd.grad(loss, leaves(hidden, weight, bias)) if loss.requires_grad else ()
+    return loss, torch.autograd.grad(_scalar(loss), leaves(hidden, weight, bias)) if loss.requires_grad else ()
+
+
+def class_weights(v: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(v, generator=torch.Generator().manual_seed(seed + 7)) * 2 + 0.1
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -61,12 +77,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def assert_matches(actual, expected, dtype: torch.dtype, loss_rtol: float | None = None) -> None:  # noqa: ANN001
     (loss, grads), (ref_loss, ref_grads) = actual, expected
-    assert loss.dtype == ref_loss.dtype and loss.shape == ()
-    if ref_loss.isnan():
-        assert loss.isnan()
-    else:
-        rtol = REL_TOL[dtype] if loss_rtol is None else loss_rtol
-        torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=rtol, atol=rtol)
+    assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
+    assert torch.equal(loss.isnan(), ref_loss.isnan())
+    rtol = REL_TOL[dtype] if loss_rtol is None else loss_rtol
+    torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=rtol, atol=rtol, equal_nan=True)
     assert len(grads) == len(ref_grads)
     for g, r in zip(grads, ref_grads):
         assert g.dtype == r.dtype and g.shape == r.shape
@@ -78,24 +92,29 @@ def assert_matches(actual, expected, dtype: torch.dtype, loss_rtol: float | None
 
 # --------------------------------------------------------------------------- against eager
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class_weight"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
-def test_fp64_matches_eager_exactly(reduction: str, label_smoothing: float, bias: bool, chunk_size: int) -> None:
+def test_fp64_matches_eager_exactly(reduction: str, label_smoothing: float, bias: bool, weighted: bool,
+                                    chunk_size: int) -> None:
     """fp64: every option, chunk sizes that do (1, 16) and do not (5) divide N, and > N (64)."""
     args = make_inputs(16, 9, 37, torch.float64, bias=bias)
-    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing,
+                  class_weight=class_weights(37).double() if weighted else None)
     assert_matches(fused(*args, chunk_size=chunk_size, **kwargs), eager(*args, **kwargs), torch.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_matches_eager_logits_fp32(dtype: torch.dtype, reduction: str, label_smoothing: float) -> None:
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class_weight"])
+def test_matches_eager_logits_fp32(dtype: torch.dtype, reduction: str, label_smoothing: float, weighted: bool) -> None:
     """HF's ``F.cross_entropy(lm_head(h).float(), t)``: fp32 loss, grads in the inputs' dtype."""
     args = make_inputs(40, 24, 131, dtype)
-    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing,
+                  class_weight=class_weights(131) if weighted else None)
     assert_matches(fused(*args, chunk_size=7, **kwargs), eager(*args, **kwargs), dtype,
                    loss_rtol=REL_TOL[torch.float32] if dtype in LOW_DTYPES else None)
 
@@ -115,14 +134,19 @@ def test_matches_eager_logits_in_input_dtype(dtype: torch.dtype, reduction: str)
     assert abs(actual[0].double() - exact) <= abs(expected[0].double() - exact) + 1e-3 * abs(exact)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
-def test_all_targets_ignored(reduction: str, label_smoothing: float) -> None:
-    """mean: NaN loss (0/0) and zero gradients, as eager; sum: 0."""
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class_weight"])
+def test_all_targets_ignored(reduction: str, label_smoothing: float, weighted: bool) -> None:
+    """mean: NaN loss (0/0) and zero gradients, as eager; sum: 0; none: a 0 per row."""
     args = make_inputs(6, 5, 11, ignore=1.0)
-    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing,
+                  class_weight=class_weights(11) if weighted else None)
     (loss, grads), (ref_loss, ref_grads) = fused(*args, chunk_size=4, **kwargs), eager(*args, **kwargs)
-    assert loss.isnan().item() == (reduction == "mean") == ref_loss.isnan().item()
+    assert torch.equal(loss.isnan(), ref_loss.isnan())
+    assert loss.isnan().all().item() == (reduction == "mean")
+    if reduction == "none":
+        assert torch.equal(loss, torch.zeros(6))
     for g, r in zip(grads, ref_grads):
         assert torch.equal(g, torch.zeros_like(g)) and torch.equal(r, torch.zeros_like(r))
 
@@ -211,16 +235,19 @@ def test_chunk_size_changes_results_only_by_rounding(dtype: torch.dtype) -> None
     h=st.integers(1, 17),
     v=st.integers(1, 41).map(lambda x: 2 * x - 1),
     dtype=st.sampled_from([torch.float64, *DTYPES]),
-    reduction=st.sampled_from(["mean", "sum"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
     label_smoothing=st.sampled_from([0.0, 0.05, 0.5]),
     bias=st.booleans(),
+    weighted=st.booleans(),
     ignore=st.sampled_from([0.0, 0.3, 1.0]),
     chunk_size=st.integers(1, 30),
     seed=st.integers(0, 2**16),
 )
-def test_hypothesis_against_eager(n, h, v, dtype, reduction, label_smoothing, bias, ignore, chunk_size, seed) -> None:  # noqa: ANN001
+def test_hypothesis_against_eager(n, h, v, dtype, reduction, label_smoothing, bias, weighted, ignore,  # noqa: ANN001
+                                  chunk_size, seed) -> None:
     args = make_inputs(n, h, v, dtype, bias=bias, ignore=ignore, seed=seed)
-    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing,
+                  class_weight=class_weights(v, seed) if weighted else None)
     actual, expected = fused(*args, chunk_size=chunk_size, **kwargs), eager(*args, **kwargs)
     assert_matches(actual, expected, dtype, loss_rtol=1e-12 if dtype == torch.float64 else 1e-5)
 
@@ -317,8 +344,10 @@ def test_backward_refuses_a_gradient_it_did_not_compute() -> None:
 
 def test_bad_arguments_are_clear() -> None:
     hidden, weight, bias, target = make_inputs(6, 4, 9)
-    with pytest.raises(ValueError, match="reduction='none'"):
-        fused_linear_cross_entropy(hidden, weight, bias, target, reduction="none")
+    with pytest.raises(ValueError, match="class_weight must be"):
+        fused_linear_cross_entropy(hidden, weight, bias, target, class_weight=torch.ones(8))
+    with pytest.raises(ValueError, match="class_weight must be"):
+        fused_linear_cross_entropy(hidden, weight, bias, target, class_weight=torch.ones(9, dtype=torch.long))
     with pytest.raises(ValueError, match="reduction must be one of"):
         fused_linear_cross_entropy(hidden, weight, bias, target, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
@@ -365,3 +394,86 @@ def test_chunk_step_reference_against_autograd(dtype: torch.dtype) -> None:
     cross_entropy_chunk_reference(buffer, target, row_loss, torch.tensor(0.125), -100, 0.2)
     torch.testing.assert_close(row_loss, ref_rows, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(buffer, ref_grad.to(dtype))
+
+
+# --------------------------------------------------------------------------- reduction="none", class weights
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_none_and_class_weight(dtype: torch.dtype, bias: bool) -> None:
+    hidden, weight, b, target = make_inputs(7, 5, 13, dtype, bias=bias, seed=1)
+    cw = class_weights(13)
+    torch.library.opcheck(linear_cross_entropy,
+                          (hidden, weight, b, target, -100, 0.1, "none", 3, True, True, True, "torch", None, cw))
+    torch.library.opcheck(linear_cross_entropy,
+                          (hidden, weight, b, target, -100, 0.0, "mean", 3, False, True, True, "torch", None, cw))
+    grad_rows = torch.linspace(-1, 1, 7)
+    torch.library.opcheck(linear_cross_entropy_backward,
+                          (grad_rows, hidden.detach(), weight.detach(), None if b is None else b.detach(), target,
+                           cw, -100, 0.2, 4, True, True, True, bias, "torch"))
+
+
+def test_none_keeps_hidden_not_logits_and_returns_target_shape() -> None:
+    """reduction="none": autograd keeps the inputs (hidden, weight, bias, target), no [N, V]."""
+    n, h, v = 32, 8, 97
+    hidden, weight, bias, target = make_inputs(n, h, v)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fused_linear_cross_entropy(hidden.reshape(4, 8, h), weight, bias, target.reshape(4, 8),
+                                          reduction="none", chunk_size=8)
+    assert loss.shape == (4, 8)
+    assert sorted(saved) == sorted([(n, h), (v, h), (v,), (n,)])
+
+
+def test_none_backward_weights_each_row_and_skips_what_is_not_needed() -> None:
+    hidden, weight, bias, target = make_inputs(10, 6, 21, hidden_grad=False)
+    loss = fused_linear_cross_entropy(hidden, weight, bias, target, reduction="none", chunk_size=3)
+    rows = torch.zeros(10)
+    rows[4] = 1.0  # only row 4 contributes
+    gw, gb = torch.autograd.grad(loss, (weight, bias), rows)
+    ref = F.cross_entropy(F.linear(hidden[4:5], weight, bias), target[4:5], reduction="sum")
+    rgw, rgb = torch.autograd.grad(ref, (weight, bias)) if target[4] != -100 else (torch.zeros_like(weight),) * 2
+    torch.testing.assert_close(gw, rgw)
+    torch.testing.assert_close(gb, rgb)
+    grads = linear_cross_entropy_backward(rows, hidden, weight.detach(), bias.detach(), target, None, -100, 0.0, 3,
+                                          True, False, True, False, "torch")
+    assert grads[0].shape == (0,) and grads[1].shape == weight.shape and grads[2].shape == (0,)
+
+
+def test_aot_eager_compile_none_with_class_weight() -> None:
+    hidden, weight, bias, target = make_inputs(12, 8, 19, seed=2)
+    cw = class_weights(19)
+
+    def fn(h, w, b, t):  # noqa: ANN001, ANN202
+        rows = fused_linear_cross_entropy(h, w, b, t, chunk_size=5, label_smoothing=0.1, reduction="none",
+                                          class_weight=cw)
+        return _scalar(rows)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(hidden, weight, bias, target)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    ref_rows, ref_grads = eager(hidden, weight, bias, target, label_smoothing=0.1, reduction="none", class_weight=cw)
+    torch.testing.assert_close(loss, _scalar(ref_rows))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_chunk_step_reference_weighted_per_row_scale(label_smoothing: float) -> None:
+    """Class weights and one scale per row: dlogits equal autograd's for sum(scale_i * loss_i)."""
+    logits = torch.randn(9, 31) * 4
+    target = torch.randint(0, 31, (9,))
+    target[2] = -100
+    cw, scale = class_weights(31), torch.linspace(-2, 2, 9)
+    x = logits.clone().requires_grad_()
+    ref_rows = F.cross_entropy(x, target, weight=cw, reduction="none", label_smoothing=label_smoothing)
+    (ref_grad,) = torch.autograd.grad((ref_rows * scale).sum(), x)
+    row_loss, buffer = torch.empty(9), logits.clone()
+    cross_entropy_chunk_reference(buffer, target, row_loss, scale, -100, label_smoothing, True, cw)
+    torch.testing.assert_close(row_loss, ref_rows, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(buffer, ref_grad)

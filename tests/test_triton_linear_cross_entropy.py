@@ -40,15 +40,19 @@ def random_chunk(n, v, dtype, seed=0, scale=4.0, ignore=0.25):
     return logits.to(DEVICE), target.to(DEVICE)
 
 
-def run_both(logits, target, scale, label_smoothing, compute_grad=True, block_v=None, ignore_index=-100):
-    """(row_loss, buffer) from the reference and from the kernel, on copies of ``logits``."""
+def run_both(logits, target, scale, label_smoothing, compute_grad=True, block_v=None, ignore_index=-100,
+             class_weight=None):
+    """(row_loss, buffer) from the reference and from the kernel, on copies of ``logits``.
+
+    ``scale``: a float, or a list with one factor per row."""
     scale_t = torch.tensor(scale, dtype=torch.float32, device=logits.device)
     ref_buf, tri_buf = logits.clone(), logits.clone()
     ref_loss = torch.empty(logits.shape[0], device=logits.device)
     tri_loss = torch.full_like(ref_loss, float("nan"))
-    lce.cross_entropy_chunk_reference(ref_buf, target, ref_loss, scale_t, ignore_index, label_smoothing, compute_grad)
+    lce.cross_entropy_chunk_reference(ref_buf, target, ref_loss, scale_t, ignore_index, label_smoothing, compute_grad,
+                                      class_weight)
     cross_entropy_chunk_triton(tri_buf, target, tri_loss, scale_t, ignore_index, label_smoothing, compute_grad,
-                               block_v=block_v)
+                               class_weight, block_v=block_v)
     return (ref_loss, ref_buf), (tri_loss, tri_buf)
 
 
@@ -71,6 +75,24 @@ def test_step_matches_reference(dtype, label_smoothing, block_v):
     assert (target == -100).any() and (target != -100).any()
     ref, tri = run_both(logits, target, 0.125, label_smoothing, block_v=block_v)
     assert_step_close(ref, tri, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_step_class_weight_and_per_row_scale(dtype, label_smoothing):
+    """cross_entropy's ``weight`` and one scale per row (the reduction="none" backward)."""
+    logits, target = random_chunk(6, 300, dtype, seed=8)
+    class_weight = (torch.rand(300, generator=torch.Generator().manual_seed(9)) * 2 + 0.1).to(DEVICE)
+    scale = [0.5, -1.0, 2.0, 0.0, 0.25, -0.125]
+    ref, tri = run_both(logits, target, scale, label_smoothing, block_v=64, class_weight=class_weight)
+    assert_step_close(ref, tri, dtype)
+    x = logits.float().cpu().requires_grad_()
+    rows = F.cross_entropy(x, target.cpu(), weight=class_weight.cpu(), reduction="none",
+                           label_smoothing=label_smoothing)
+    (grad,) = torch.autograd.grad((rows * torch.tensor(scale)).sum(), x)
+    torch.testing.assert_close(tri[0].cpu(), rows.detach(), rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(tri[1].cpu(), grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
@@ -141,6 +163,10 @@ def test_invalid_arguments_raise():
         cross_entropy_chunk_triton(logits, target, loss.double(), scale, -100, 0.0)
     with pytest.raises(ValueError, match="scale"):
         cross_entropy_chunk_triton(logits, target, loss, scale.double(), -100, 0.0)
+    with pytest.raises(ValueError, match="scale"):
+        cross_entropy_chunk_triton(logits, target, loss, torch.ones(3, device=DEVICE), -100, 0.0)
+    with pytest.raises(ValueError, match="class_weight"):
+        cross_entropy_chunk_triton(logits, target, loss, scale, -100, 0.0, class_weight=torch.ones(7, device=DEVICE))
     with pytest.raises(ValueError, match="power of two"):
         cross_entropy_chunk_triton(logits, target, loss, scale, -100, 0.0, block_v=48)
 
@@ -205,6 +231,28 @@ def test_op_with_triton_step_autograd(triton_step_on_cpu):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_op_none_with_class_weight_triton_step_autograd(triton_step_on_cpu, label_smoothing):
+    """reduction="none" with class weights: the forward and the rebuilding backward on the kernel."""
+    generator = torch.Generator().manual_seed(10)
+    hidden = torch.randn(7, 12, generator=generator).to(DEVICE).requires_grad_()
+    weight = torch.randn(45, 12, generator=generator).div(4).to(DEVICE).requires_grad_()
+    bias = torch.randn(45, generator=generator).div(4).to(DEVICE).requires_grad_()
+    target = torch.randint(0, 45, (7,), generator=generator).to(DEVICE)
+    target[2] = -100
+    class_weight = (torch.rand(45, generator=generator) + 0.5).to(DEVICE)
+    factors = torch.linspace(-1, 2, 7, device=DEVICE)
+    kwargs = dict(reduction="none", label_smoothing=label_smoothing)
+    rows = lce.fused_linear_cross_entropy(hidden, weight, bias, target, chunk_size=3, impl="triton",
+                                          class_weight=class_weight, **kwargs)
+    grads = torch.autograd.grad((rows * factors).sum(), (hidden, weight, bias))
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), target, weight=class_weight, **kwargs)
+    ref_grads = torch.autograd.grad((ref * factors).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(rows, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton path runs on CUDA only")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -221,3 +269,9 @@ def test_opcheck_triton_path_on_cuda(dtype):
     ref = lce.linear_cross_entropy(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args], "torch")
     for t, r in zip(tri, ref):
         torch.testing.assert_close(t.cpu().float(), r.float(), rtol=2e-2, atol=2e-3)
+    class_weight = torch.rand(1000, generator=generator).add(0.5).cuda()
+    none_args = (hidden, weight, bias, target, -100, 0.1, "none", 16, True, True, True, "triton", None, class_weight)
+    torch.library.opcheck(lce.linear_cross_entropy, none_args)
+    torch.library.opcheck(lce.linear_cross_entropy_backward,
+                          (torch.randn(37, device="cuda"), hidden.detach(), weight.detach(), bias.detach(), target,
+                           class_weight, -100, 0.1, 16, True, True, True, True, "triton"))

@@ -2,8 +2,9 @@
 
 One program per row of the chunk's logits buffer ``[C, V]``.  The first pass walks the vocab
 in ``BLOCK_V`` blocks with an online logsumexp (running max and rescaled sum of exponentials,
-plus the running sum of logits when label smoothing needs it); the second pass overwrites the
-row, in place, with ``dloss/dlogits = (softmax - (1-ε)·onehot - ε/V) · scale``.  The row's loss
+plus the running (class-weighted) sum of logits when label smoothing needs it); the second
+pass overwrites the row, in place, with ``dloss/dlogits = (softmax - (1-ε)·onehot - ε/V) ·
+scale``, or its class-weighted form (see the reference).  ``scale`` is one value or one per row.  The row's loss
 goes to a separate fp32 vector.  The math is fp32 whatever the buffer's dtype; results are
 rounded to the buffer's dtype to nearest even (also under the interpreter).  The matmuls
 around it are torch's.
@@ -32,10 +33,13 @@ def _cross_entropy_chunk_kernel(
     target_ptr,
     row_loss_ptr,
     scale_ptr,
+    class_weight_ptr,
     n_cols,
     ignore_index,
     label_smoothing,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
+    PER_ROW_SCALE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -53,10 +57,12 @@ def _cross_entropy_chunk_kernel(
         tl.store(row_loss_ptr + row, 0.0)
         return
 
-    # Pass 1: online logsumexp (and the sum of logits for the smoothing term).
+    # Pass 1: online logsumexp (and the (weighted) sum of logits for the smoothing term, and
+    # the sum of the class weights).
     running_max = float("-inf")
     running_sum = 0.0
     logit_sum = 0.0
+    weight_sum = 0.0
     for start in range(0, n_cols, BLOCK_V):
         offsets = start + cols
         mask = offsets < n_cols
@@ -65,30 +71,55 @@ def _cross_entropy_chunk_kernel(
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         running_max = new_max
         if HAS_SMOOTHING:
-            logit_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            if HAS_CLASS_WEIGHT:
+                w = tl.load(class_weight_ptr + offsets, mask=mask, other=0.0)
+                logit_sum += tl.sum(tl.where(mask, x * w, 0.0), axis=0)
+                weight_sum += tl.sum(w, axis=0)
+            else:
+                logit_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
     lse = running_max + tl.log(running_sum)
 
     # Read before pass 2 overwrites it.
     target_logit = tl.load(row_ptr + target).to(tl.float32)
     loss = lse - target_logit
+    target_weight = 1.0
+    if HAS_CLASS_WEIGHT:
+        target_weight = tl.load(class_weight_ptr + target)
+        loss = target_weight * loss
     if HAS_SMOOTHING:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - logit_sum / n_cols)
+        if HAS_CLASS_WEIGHT:
+            smooth = (weight_sum * lse - logit_sum) / n_cols
+        else:
+            smooth = lse - logit_sum / n_cols
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
     tl.store(row_loss_ptr + row, loss)
 
     # Pass 2: the gradient, in place.
     if WRITE_GRAD:
-        scale = tl.load(scale_ptr).to(tl.float32)
+        if PER_ROW_SCALE:
+            scale = tl.load(scale_ptr + row).to(tl.float32)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
+        softmax_weight = 1.0
+        if HAS_CLASS_WEIGHT:
+            softmax_weight = (1.0 - label_smoothing) * target_weight
+            if HAS_SMOOTHING:
+                softmax_weight += label_smoothing * weight_sum / n_cols
         # exp(x - max) / sum rather than exp(x - lse): lse rounds at the logits' magnitude,
         # which for large logits costs more precision than the division (torch's softmax order)
-        inv_sum = 1.0 / running_sum
+        inv_sum = softmax_weight / running_sum
         for start in range(0, n_cols, BLOCK_V):
             offsets = start + cols
             mask = offsets < n_cols
             x = tl.load(row_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             grad = tl.exp(x - running_max) * inv_sum
             if HAS_SMOOTHING:
-                grad = grad - label_smoothing / n_cols
-            grad = tl.where(offsets == target, grad - (1.0 - label_smoothing), grad)
+                if HAS_CLASS_WEIGHT:
+                    w = tl.load(class_weight_ptr + offsets, mask=mask, other=0.0)
+                    grad = grad - (label_smoothing / n_cols) * w
+                else:
+                    grad = grad - label_smoothing / n_cols
+            grad = tl.where(offsets == target, grad - (1.0 - label_smoothing) * target_weight, grad)
             tl.store(row_ptr + offsets, _cast_fp32_to(grad * scale, out_dtype), mask=mask)
 
 
@@ -104,14 +135,16 @@ def cross_entropy_chunk_triton(
     ignore_index: int,
     label_smoothing: float,
     compute_grad: bool = True,
+    class_weight: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> None:
     """Same contract as :func:`~fxshear.kernels.linear_cross_entropy.cross_entropy_chunk_reference`.
 
     ``logits`` [C, V] (fp32/fp16/bf16, unit column stride) becomes ``dloss/dlogits`` when
-    ``compute_grad``; ``row_loss`` fp32 [C] gets the unscaled per-row losses; ``scale`` is a
-    one-element fp32 tensor (read on the device: no host sync).  ``block_v`` overrides the
-    vocab block (a power of two; tests use small ones to exercise the loop).
+    ``compute_grad``; ``row_loss`` fp32 [C] gets the unscaled per-row losses; ``scale`` is an
+    fp32 tensor of one element or of one per row (read on the device: no host sync);
+    ``class_weight`` an optional fp32 [V].  ``block_v`` overrides the vocab block (a power of
+    two; tests use small ones to exercise the loop).
     """
     if logits.dim() != 2 or logits.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"logits must be a 2-D {SUPPORTED_DTYPES} tensor, got {logits.dtype} {tuple(logits.shape)}")
@@ -122,10 +155,16 @@ def cross_entropy_chunk_triton(
         raise ValueError(f"target must be int64 [{n_rows}], got {target.dtype} {tuple(target.shape)}")
     if row_loss.dtype != torch.float32 or tuple(row_loss.shape) != (n_rows,):
         raise ValueError(f"row_loss must be float32 [{n_rows}], got {row_loss.dtype} {tuple(row_loss.shape)}")
-    if scale.numel() != 1 or scale.dtype != torch.float32:
-        raise ValueError(f"scale must be a one-element float32 tensor, got {scale.dtype} {tuple(scale.shape)}")
-    for name, t in (("target", target), ("row_loss", row_loss), ("scale", scale)):
-        if t.device != logits.device:
+    per_row_scale = scale.dim() == 1 and scale.shape[0] == n_rows and n_rows != 1
+    if scale.dtype != torch.float32 or not (scale.numel() == 1 or per_row_scale):
+        raise ValueError(f"scale must be a float32 tensor of one element or [{n_rows}], "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
+    if class_weight is not None and (class_weight.dtype != torch.float32
+                                     or tuple(class_weight.shape) != (n_cols,)):
+        raise ValueError(f"class_weight must be float32 [{n_cols}], "
+                         f"got {class_weight.dtype} {tuple(class_weight.shape)}")
+    for name, t in (("target", target), ("row_loss", row_loss), ("scale", scale), ("class_weight", class_weight)):
+        if t is not None and t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
     if n_rows == 0:
         return
@@ -135,6 +174,8 @@ def cross_entropy_chunk_triton(
         raise ValueError(f"block_v must be a power of two, got {block_v}")
 
     target = target.contiguous()
+    scale = scale.contiguous()
+    class_weight = class_weight.contiguous() if class_weight is not None else None
     loss_out = row_loss if row_loss.is_contiguous() else torch.empty_like(row_loss, memory_format=torch.contiguous_format)
     _cross_entropy_chunk_kernel[(n_rows,)](
         logits,
@@ -142,10 +183,13 @@ def cross_entropy_chunk_triton(
         target,
         loss_out,
         scale,
+        class_weight if class_weight is not None else scale,  # never read without HAS_CLASS_WEIGHT
         n_cols,
         ignore_index,
         float(label_smoothing),
         HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_CLASS_WEIGHT=class_weight is not None,
+        PER_ROW_SCALE=per_row_scale,
         WRITE_GRAD=compute_grad,
         BLOCK_V=block_v,
         num_warps=_num_warps(block_v),

@@ -6,8 +6,11 @@ Why: a causal LM's loss saves the ``[tokens, vocab]`` logits (in fp32, after Hug
 the gradients of the hidden states and the head weight (scaled by the incoming gradient in
 backward), so no chunk's logits outlive the chunk.
 
-Matched: ``cross_entropy(view/reshape/float/to(logits), target)`` where ``logits = linear(h, W, b)``
-and every step keeps the vocabulary as the last dimension.  When the logits are also used
+Matched: ``cross_entropy(view/reshape/slice/float/to(logits), target)`` where ``logits =
+linear(h, W, b)`` and every step keeps the vocabulary as the last dimension (the shifted
+``logits[:, :-1]`` of hand-written causal-LM losses: the slice is replayed on ``h``); any ``reduction``, ``ignore_index``,
+``label_smoothing`` and a constant class ``weight``.  With ``reduction="none"`` the op keeps
+``h`` instead of finished gradients and rebuilds each chunk's logits in the backward.  When the logits are also used
 elsewhere (returned to the caller) they are still computed for that use and the op reads its
 chunks from them instead of recomputing them, but they are not saved; the head becomes
 ``fxshear::returned_linear``, whose backward skips its matmuls when nobody backpropagates
@@ -15,6 +18,8 @@ through the returned logits (AOTAutograd then passes zeros).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -26,7 +31,8 @@ from .match import argument, call, is_function, is_method, linear_parts, outputs
 NAME = "fused_loss"
 
 _CROSS_ENTROPY = (torch.nn.functional.cross_entropy,)
-_PASS_THROUGH = ("view", "reshape", "float", "to", "contiguous")
+_CASTS = ("float", "to", "contiguous")
+_RESHAPES = ("view", "reshape")
 
 
 class FusedLossPass:
@@ -49,12 +55,13 @@ class FusedLossPass:
             if isinstance(found, str):
                 report.skip(node, found)
                 continue
-            linear, logits_fp32, extra_users = found
+            linear, steps, logits_fp32, extra_users = found
             hidden, weight, bias = linear_parts(linear)
             target = argument(node, 1, "target")
             ignore_index = argument(node, 4, "ignore_index", -100)
             reduction = argument(node, 6, "reduction", "mean")
             smoothing = float(argument(node, 7, "label_smoothing", 0.0))
+            class_weight = argument(node, 2, "weight")
             hidden_value, weight_value = tensor_value(hidden), tensor_value(weight)
             # Rows per chunk depend on the vocabulary only (the token count may be dynamic).
             chunk = default_chunk_size(weight_value.shape[0], logits_fp32, hidden_value.dtype)
@@ -69,50 +76,63 @@ class FusedLossPass:
                 graph.erase_node(linear)
                 linear = head
             with graph.inserting_before(node):
-                rows = call(graph, torch.reshape, (hidden, (-1, hidden_value.shape[-1])),
+                # The slices and reshapes between the head and the loss act on the token
+                # dimensions only, so they are replayed on the hidden states.
+                rows = call(graph, torch.reshape,
+                            (self._replay(graph, steps, hidden, hidden_value.shape[-1], linear),
+                             (-1, hidden_value.shape[-1])),
                             like=linear, pass_name=self.name)
                 # Returned logits are computed anyway: the op copies its chunks from them rather
                 # than repeating the vocabulary matmul (it still saves none of them).
-                given_logits = (call(graph, torch.reshape, (linear, (-1, weight_value.shape[0])),
+                given_logits = (call(graph, torch.reshape,
+                                     (self._replay(graph, steps, linear, weight_value.shape[0], linear),
+                                      (-1, weight_value.shape[0])),
                                      like=linear, pass_name=self.name) if extra_users else None)
                 fused = call(graph, torch.ops.fxshear.linear_cross_entropy.default,
                              (rows, weight, bias, target, int(ignore_index), smoothing, reduction,
                               chunk, logits_fp32,
-                              requires_grad(hidden), requires_grad(weight), cfg.kernels, given_logits),
+                              requires_grad(hidden), requires_grad(weight), cfg.kernels, given_logits,
+                              class_weight),
                              like=node, pass_name=self.name)
             loss = outputs(graph, fused, 4, like=node, pass_name=self.name)[0]
             node.replace_all_uses_with(loss)
-            chain = self._chain(node)
             graph.erase_node(node)
-            for dead in chain:
+            for dead in reversed(steps):
                 if not dead.users:
                     graph.erase_node(dead)
             note = ("; the logits are still computed for their other use (and read from there), but not saved"
                     if extra_users else "")
-            report.rewritten.append(f"{node.name} (vocab {weight_value.shape[0]}, {reduction}){note}")
+            weighted = ", class weights" if class_weight is not None else ""
+            report.rewritten.append(f"{node.name} (vocab {weight_value.shape[0]}, {reduction}{weighted}){note}")
         graph.lint()
         gm.recompile()
         return report
 
-    @staticmethod
-    def _chain(node: torch.fx.Node) -> list[torch.fx.Node]:
-        """The nodes from the cross-entropy's input back to the linear, nearest first."""
-        chain = []
-        current = argument(node, 0, "input")
-        while isinstance(current, torch.fx.Node):
-            chain.append(current)
-            if linear_parts(current) is not None or current.target is torch.ops.fxshear.returned_linear.default:
-                break
-            current = current.args[0] if current.args else None
-        return chain
+    def _replay(self, graph: torch.fx.Graph, steps: list[torch.fx.Node], start: torch.fx.Node, last_dim: int,
+                like: torch.fx.Node) -> torch.fx.Node:
+        """``start`` put through the structural steps (slices, views), ``last_dim`` as the last size."""
+        current = start
+        for step in steps:
+            if step.op == "call_function":  # getitem: the index leaves the last dimension alone
+                current = call(graph, operator.getitem, (current, step.args[1]), like=like, pass_name=self.name)
+            elif step.target in _RESHAPES:
+                sizes = _sizes(step)
+                current = call(graph, torch.reshape, (current, (*sizes[:-1], last_dim)), like=like,
+                               pass_name=self.name)
+        return current
 
     def _match(self, node: torch.fx.Node, cfg: ShearConfig) -> tuple[torch.fx.Node, bool, bool] | str:
-        for index, name in ((2, "weight"), (3, "size_average"), (5, "reduce")):
+        for index, name in ((3, "size_average"), (5, "reduce")):
             if argument(node, index, name) is not None:
-                return f"cross_entropy's {name} argument is not supported"
+                return f"cross_entropy's deprecated {name} argument is not supported"
         reduction = argument(node, 6, "reduction", "mean")
-        if reduction not in ("mean", "sum"):
-            return f"reduction={reduction!r}: per-token losses need the logits' row gradients"
+        if reduction not in ("mean", "sum", "none"):
+            return f"reduction={reduction!r} is not one of cross_entropy's"
+        class_weight = argument(node, 2, "weight")
+        if class_weight is not None:
+            value = tensor_value(class_weight) if isinstance(class_weight, torch.fx.Node) else None
+            if value is None or not value.is_floating_point() or value.dim() != 1:
+                return "the class weight is not a floating-point [vocab] tensor"
         smoothing = argument(node, 7, "label_smoothing", 0.0)
         ignore_index = argument(node, 4, "ignore_index", -100)
         if not isinstance(smoothing, (int, float)) or not isinstance(ignore_index, int):
@@ -126,19 +146,26 @@ class FusedLossPass:
         vocab = logits_value.shape[-1]
         logits_fp32 = False
         extra_users = False
+        steps: list[torch.fx.Node] = []
         current = logits
         while linear_parts(current) is None:
-            if not is_method(current, *_PASS_THROUGH):
-                return "the logits do not come straight from a Linear (through views and casts)"
-            value = tensor_value(current)
-            if value is None or value.shape[-1] != vocab:
+            if not (is_method(current, *_CASTS, *_RESHAPES) or is_function(current, operator.getitem)):
+                return "the logits do not come straight from a Linear (through slices, views and casts)"
+            value, source = tensor_value(current), tensor_value(current.args[0])
+            if value is None or source is None or value.shape[-1] != vocab:
                 return "a step between the Linear and the loss changes the vocabulary dimension"
+            if is_function(current, operator.getitem) and not _keeps_last_dim(current.args[1], source.dim()):
+                return "an index between the Linear and the loss touches the vocabulary dimension"
+            if is_method(current, *_RESHAPES) and _sizes(current) is None:
+                return "a view between the Linear and the loss does not name the vocabulary size last"
             if current.target in ("float", "to"):
                 if value.dtype != torch.float32:
                     return "the logits are cast to a dtype other than fp32"
                 logits_fp32 = True
             extra_users |= len(current.users) > 1
+            steps.append(current)
             current = current.args[0]
+        steps.reverse()  # from the Linear to the loss
         linear = current
         extra_users |= len(linear.users) > 1
         hidden, weight, bias = linear_parts(linear)
@@ -154,4 +181,31 @@ class FusedLossPass:
             return f"module excluded by pattern {pattern!r}"
         if not (requires_grad(hidden) or requires_grad(weight)):
             return "no gradient flows through it, so nothing is saved for backward"
-        return linear, logits_fp32, extra_users
+        return linear, steps, logits_fp32, extra_users
+
+
+def _sizes(view: torch.fx.Node) -> tuple | None:
+    """A view/reshape's target sizes when the last one is the constant vocabulary size."""
+    sizes = view.args[1:] if len(view.args) > 2 else view.args[1] if len(view.args) == 2 else view.kwargs.get("shape")
+    if isinstance(sizes, int):
+        sizes = (sizes,)
+    if not isinstance(sizes, (tuple, list)) or not sizes:
+        return None
+    value = tensor_value(view)
+    if not isinstance(sizes[-1], int) or value is None or sizes[-1] != value.shape[-1]:
+        return None
+    return tuple(sizes)
+
+
+def _keeps_last_dim(index: object, ndim: int) -> bool:
+    """Whether ``tensor[index]`` (basic indexing: ints, slices, one Ellipsis) leaves the last dim whole."""
+    entries = index if isinstance(index, tuple) else (index,)
+    if any(e is None or not (isinstance(e, (int, slice, torch.fx.Node)) or e is Ellipsis) for e in entries):
+        return False
+    if any(isinstance(e, torch.fx.Node) and tensor_value(e) is not None for e in entries):
+        return False  # a tensor index (advanced indexing)
+    whole = slice(None, None, None)
+    if Ellipsis in entries:
+        after = entries[entries.index(Ellipsis) + 1:]
+        return not after or after[-1] == whole
+    return len(entries) < ndim or entries[-1] == whole
