@@ -7,6 +7,8 @@ draws its masks exactly as eager does, so with the same seed even dropout-on run
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -53,6 +55,33 @@ def test_exact_preset_equals_eager_with_dropout_on(name: str) -> None:
         assert rewritten["dropout_bits"] > 0
     if name in ("llama", "gpt2"):
         assert rewritten["fused_loss"] == 1
+
+
+def test_gpt2_gelu_before_a_conv1d_is_inverted_from_the_saved_output() -> None:
+    """GPT-2's ``gelu_new`` feeds a Conv1D (``addmm`` on a view): that Conv1D saves the GELU
+    output, so with the inversion allowed in fp32 (``act_from_output="all"``) the dense GELU input
+    leaves the ledger for a 1-bit flag, and the gradients stay eager's within the inversion's
+    fp32 error."""
+    example = build_model("gpt2", dropout=True)
+    batch = example.make_batch(2, 16, seed=1)
+    tokens, inner = 2 * 16, 4 * example.model.config.n_embd
+    saved = {}
+    for mode in ("exact_dtypes", "all"):
+        example.model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        backend = analysis_backend(act_from_output=mode)
+        rewritten = compare_with_eager(example, batch, backend, rel=5e-5)
+        entries = _activation_entries(backend)
+        # the GELU's input and output, whatever their layout ([2, 16, 256], or [256, 32] for
+        # the Conv1D's transposed copy)
+        saved[mode] = [e for e in entries if e.dtype == "float32" and math.prod(e.shape) == tokens * inner]
+        if mode == "all":
+            assert rewritten["act_from_output"] == example.model.config.n_layer
+            flags = [e for e in entries if e.introduced_by == "act_from_output" and e.dtype == "uint8"]
+            assert len(flags) == example.model.config.n_layer
+            assert all(e.bytes == tokens * inner // 8 for e in flags)
+    assert len(saved["exact_dtypes"]) == 2 * example.model.config.n_layer
+    assert len(saved["all"]) == example.model.config.n_layer  # the output only
 
 
 def test_exact_preset_equals_eager_on_peft_lora_minilm() -> None:

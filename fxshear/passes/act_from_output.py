@@ -26,7 +26,7 @@ from .match import (
     inplace_activation,
     is_float_tensor,
     is_function,
-    linear_parts,
+    linear_consumers,
     outputs,
     requires_grad,
     tensor_value,
@@ -42,15 +42,12 @@ def _exact_dtypes() -> frozenset[torch.dtype]:
 
 
 def feeds_trainable_linear(node: torch.fx.Node) -> bool:
-    """True when a Linear with a trainable weight reads ``node`` as its input (so it is saved)."""
-    for user in node.users:
-        parts = linear_parts(user)
-        if parts is not None and parts[0] is node and requires_grad(parts[1]):
-            return True
-        if is_function(user, torch.ops.fxshear.shared_linear.default) and user.args[0] is node \
-                and requires_grad(user.args[4]):
-            return True
-    return False
+    """True when a Linear with a trainable weight (``F.linear``, GPT-2's Conv1D, or a shared
+    Linear another pass made) reads ``node`` as its input, so that it is saved."""
+    if linear_consumers(node):
+        return True
+    return any(is_function(user, torch.ops.fxshear.shared_linear.default) and user.args[0] is node
+               and requires_grad(user.args[4]) for user in node.users)
 
 
 class ActFromOutputPass:

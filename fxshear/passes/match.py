@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,6 +80,37 @@ def linear_parts(node: object) -> tuple[torch.fx.Node, torch.fx.Node, object] | 
 def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+@dataclass
+class Consumer:
+    """A Linear-like consumer of ``y``: ``node`` computes ``view(y) @ weightᵀ + bias``."""
+
+    node: torch.fx.Node
+    view: torch.fx.Node | None     # the reshape of y it reads (Conv1D), or None for y itself
+    weight: torch.fx.Node
+    bias: object
+    transposed: bool               # weight stored [in, out] (Conv1D's addmm)
+
+
+def linear_consumers(y: torch.fx.Node) -> list[Consumer]:
+    """The Linears with a trainable weight that read ``y`` as their input, and so save it.
+
+    Both spellings: ``F.linear(y, W, b)`` and GPT-2's Conv1D, ``addmm(b, y.view(-1, D), W)``.
+    """
+    found = []
+    for user in y.users:
+        parts = linear_parts(user)
+        if parts is not None and parts[0] is y:
+            found.append(Consumer(user, None, parts[1], parts[2], transposed=False))
+        elif is_method(user, "view", "reshape") and len(user.users) == 1:
+            addmm = only_user(user)
+            if is_function(addmm, torch.addmm) and addmm.args[1] is user and len(addmm.args) == 3 \
+                    and not addmm.kwargs:
+                value = tensor_value(user)
+                if value is not None and value.dim() == 2:
+                    found.append(Consumer(addmm, user, addmm.args[2], addmm.args[0], transposed=True))
+    return [c for c in found if requires_grad(c.weight)]
 
 
 def copy_meta(new: torch.fx.Node, old: torch.fx.Node, pass_name: str) -> None:

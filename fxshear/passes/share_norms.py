@@ -32,7 +32,8 @@ from .match import (
     is_float_tensor,
     is_function,
     is_method,
-    linear_parts,
+    Consumer,
+    linear_consumers,
     only_user,
     outputs,
     requires_grad,
@@ -159,33 +160,6 @@ def match_norm(node: torch.fx.Node) -> NormMatch | str | None:
     return None
 
 
-@dataclass
-class Consumer:
-    """A Linear-like consumer of the norm output: ``node`` computes ``view(y) @ weightᵀ + bias``."""
-
-    node: torch.fx.Node
-    view: torch.fx.Node | None     # the reshape of y it reads (Conv1D), or None for y itself
-    weight: torch.fx.Node
-    bias: object
-    transposed: bool               # weight stored [in, out] (Conv1D's addmm)
-
-
-def _consumers(y: torch.fx.Node) -> list[Consumer]:
-    found = []
-    for user in y.users:
-        parts = linear_parts(user)
-        if parts is not None and parts[0] is y:
-            found.append(Consumer(user, None, parts[1], parts[2], transposed=False))
-        elif is_method(user, "view", "reshape") and len(user.users) == 1:
-            addmm = only_user(user)
-            if is_function(addmm, torch.addmm) and addmm.args[1] is user and len(addmm.args) == 3 \
-                    and not addmm.kwargs:
-                value = tensor_value(user)
-                if value is not None and value.dim() == 2:
-                    found.append(Consumer(addmm, user, addmm.args[2], addmm.args[0], transposed=True))
-    return [c for c in found if requires_grad(c.weight)]
-
-
 class ShareNormsPass:
     """Rewrite norm → Linear pairs so both save only the norm's normalized output."""
 
@@ -208,7 +182,7 @@ class ShareNormsPass:
                 report.skip(node, found)
                 continue
             reason = self._why_not(found, cfg)
-            consumers = _consumers(found.output) if reason is None else []
+            consumers = linear_consumers(found.output) if reason is None else []
             if reason is None and not consumers:
                 reason = ("its output feeds no Linear with a trainable weight (e.g. it goes through "
                           "dropout first), so there is no saved copy to share")
