@@ -22,6 +22,7 @@ from .compat import check_torch_version
 from .config import DEFAULT_PRESET, ShearConfig
 from .log import log
 from .passes import PASSES
+from .passes.draw_order import order_draws
 from .passes.base import PassReport
 from .graph.partitioner import SavedSizes
 from .region import Region, compile_and_record, copy_graph_module, unrewritten_sizes
@@ -105,6 +106,7 @@ class ShearBackend:
                 continue
             region.pass_reports.append(report)
             gm = candidate
+        order_draws(gm)
         return gm
 
     def _reference(self, original: torch.fx.GraphModule, example_inputs: Sequence[Any],

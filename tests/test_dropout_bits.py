@@ -273,6 +273,8 @@ def test_opcheck(dtype: torch.dtype) -> None:
     for shape in [(3, 5), (2, 3, 9)]:
         x = torch.randn(shape, dtype=dtype, requires_grad=True)
         torch.library.opcheck(dropout_draw, (x, 0.3, "torch"), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(dropout_draw, (x, 0.3, "torch", "eager", torch.zeros(2, dtype=torch.uint8)),
+                              test_utils=("test_schema", "test_faketensor"))
         bits = dropout_draw(x.detach(), 0.3, "torch")
         torch.library.opcheck(dropout_apply, (x, bits, 0.3, "torch"))
         torch.library.opcheck(dropout_apply, (torch.randn(shape, dtype=dtype), bits, 0.3, "torch"))
@@ -310,6 +312,66 @@ def test_fast_draw_compiles_to_fused_random_numbers() -> None:
     assert "inductor_random" in codes[0]
     scale = y / lin(x).detach()  # 0 or 1 / (1 - p): the mask the forward used
     torch.testing.assert_close(lin.weight.grad, (w * scale).reshape(-1, 16).t() @ x.reshape(-1, 16))
+
+
+class ParallelDropouts(torch.nn.Module):
+    """Three dropouts of one tensor, each before its own Linear: PEFT LoRA's q/k/v adapters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(12, 5) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(head(F.dropout(x, 0.3, training=True)) for head in self.heads)
+
+
+@pytest.mark.parametrize("codegen", [False, True], ids=["partitioned", "inductor"])
+def test_parallel_draws_are_neither_merged_nor_reordered(codegen: bool) -> None:
+    """Three draws with equal arguments: AOTAutograd's CSE merged them into one (it spares only
+    aten's random ops) until each draw was chained to the previous one.  Masks, gradients and the
+    generator afterwards are eager's."""
+    import fxshear
+    from fxshear.config import ShearConfig
+
+    torch.manual_seed(0)
+    model, x = ParallelDropouts(), torch.randn(4, 7, 12)
+    results = []
+    for compiled in (False, True):
+        model.zero_grad(set_to_none=True)
+        backend = fxshear.ShearBackend(ShearConfig.from_options(preset="exact"), codegen=codegen)
+        run = torch.compile(model, backend=backend) if compiled else model
+        torch.manual_seed(5)
+        y = run(x)
+        y.square().sum().backward()
+        after = torch.rand(3)
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()], after))
+        if compiled:
+            forward = backend.regions[-1].graphs["forward"]
+            assert forward.count("fxshear.dropout_draw.default(") == 3
+    (y, grads, after), (ref_y, ref_grads, ref_after) = results[1], results[0]
+    torch.testing.assert_close(y, ref_y)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    assert torch.equal(after, ref_after)
+
+
+def test_order_draws_chains_every_draw_to_the_previous_one() -> None:
+    from fxshear.passes.draw_order import order_draws
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        a = torch.ops.fxshear.dropout_draw.default(x, 0.1, "torch")
+        b = torch.ops.fxshear.dropout_draw.default(x, 0.1, "torch")
+        return a + b
+
+    gm = torch.fx.symbolic_trace(fn)
+    assert order_draws(gm) == 2
+    draws = [n for n in gm.graph.nodes if n.target is torch.ops.fxshear.dropout_draw.default]
+    assert "after" not in draws[0].kwargs and draws[1].kwargs["after"] is draws[0]
+    torch.manual_seed(1)
+    first = dropout_draw(torch.empty(40), 0.1, "torch")
+    second = dropout_draw(torch.empty(40), 0.1, "torch")
+    torch.manual_seed(1)
+    assert torch.equal(gm(torch.empty(40)), first + second)
 
 
 def test_bad_arguments_are_clear() -> None:

@@ -84,11 +84,14 @@ def test_gpt2_gelu_before_a_conv1d_is_inverted_from_the_saved_output() -> None:
     assert len(saved["all"]) == example.model.config.n_layer  # the output only
 
 
-def test_exact_preset_equals_eager_on_peft_lora_minilm() -> None:
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_exact_preset_equals_eager_on_peft_lora_minilm(lora_dropout: float) -> None:
+    """PEFT LoRA: the q/k/v LoRA A matrices share the norm's z, also behind ``lora_dropout``
+    (then the mask stays at 1 bit and A's weight gradient rebuilds its input from z)."""
     peft = pytest.importorskip("peft")
     example = build_model("minilm", dropout=True)
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"],
-                             lora_dropout=0.0)
+                             lora_dropout=lora_dropout)
     example.model = peft.get_peft_model(example.model, config)
     batch = example.make_batch(2, 16, seed=1)
     backend = analysis_backend()
@@ -97,6 +100,14 @@ def test_exact_preset_equals_eager_on_peft_lora_minilm() -> None:
     shared = [n for region in backend.regions for r in region.pass_reports if r.name == "share_norms"
               for n in r.rewritten]
     assert any("3 linear" in n for n in shared), shared  # the q, k, v LoRA A matrices share z
+    assert any("3 behind dropout" in n for n in shared) == (lora_dropout > 0), shared
+    hidden = 384  # all-MiniLM-L6-v2
+    # no dense copy of a norm output is kept for a LoRA A: q/k/v and intermediate read z (layer
+    # 0's q/k/v read the frozen embeddings' output, which no gradient reaches: not a shared norm)
+    norm_fed = ("query.lora_A", "key.lora_A", "value.lora_A", "intermediate.dense.lora_A")
+    dense = [e for e in _activation_entries(backend) if e.dtype == "float32" and e.shape[-1] == hidden
+             and any(name in (e.module or "") for name in norm_fed) and "layer.0.attention" not in e.module]
+    assert not dense, dense
 
 
 def _activation_entries(backend: fxshear.ShearBackend) -> list:  # noqa: ANN001
@@ -114,7 +125,7 @@ def test_minilm_ledger_keeps_no_attention_probabilities_or_byte_masks() -> None:
     assert not square, square
     assert not [e for e in entries if e.dtype == "bool"], "dropout masks should be bit-packed uint8"
     packed = [e for e in entries if e.dtype == "uint8"]
-    assert packed and all(e.introduced_by in ("dropout_bits", "attention") for e in packed)
+    assert packed and all(e.introduced_by in ("dropout_bits", "attention", "share_norms") for e in packed)
 
 
 def test_fused_loss_removes_the_logits_from_the_ledger() -> None:
@@ -169,7 +180,7 @@ def test_each_pass_reports_what_it_left_alone() -> None:
     backend = analysis_backend()
     torch.compile(example.model, backend=backend)(**example.make_batch(2, 16)).backward()
     skipped = {r.name: [s.reason for s in r.skipped] for region in backend.regions for r in region.pass_reports}
-    # The embedding LayerNorm feeds dropout, not a Linear: nothing to share.
+    # The last layer's output LayerNorm feeds the pooling, not a Linear: nothing to share.
     assert any("feeds no Linear" in reason for reason in skipped["share_norms"])
 
 

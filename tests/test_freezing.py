@@ -47,6 +47,22 @@ def test_gated_mm_opcheck(dtype: torch.dtype) -> None:
     torch.library.opcheck(gated_mm, (a, b, torch.zeros(4, 3)), test_utils=OPCHECK_TESTS)
 
 
+def test_gated_dropout_input_weight_grad_opcheck_and_values() -> None:
+    from fxshear.kernels.dropout_bits import dropout_draw
+    from fxshear.kernels.gated_mm import gated_dropout_input_weight_grad
+    from fxshear.kernels.shared_linear import dropout_input_weight_grad
+
+    z, grad = torch.randn(3, 4, 6), torch.randn(3, 4, 5)
+    gamma, beta = torch.rand(6) + 0.5, torch.randn(6)
+    bits = dropout_draw(z, 0.2, "torch")
+    args = (grad, z, gamma, beta, bits, 0.2, "torch")
+    trained, frozen = torch.zeros(5, 6, requires_grad=True), torch.zeros(5, 6)
+    for weight in (trained, frozen):
+        torch.library.opcheck(gated_dropout_input_weight_grad, (*args, weight), test_utils=OPCHECK_TESTS)
+    torch.testing.assert_close(gated_dropout_input_weight_grad(*args, trained), dropout_input_weight_grad(*args))
+    assert not gated_dropout_input_weight_grad(*args, frozen).any()
+
+
 # -- compiled regions --------------------------------------------------------------------------
 def block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in name]
@@ -164,3 +180,28 @@ def test_pruned_linears_are_gated_too(minilm) -> None:  # noqa: ANN001
             torch.testing.assert_close(p.grad, unfrozen[name], rtol=1e-5, atol=1e-6, msg=name)
     backward = backend.dispatchers[0].region.readable_graphs()["backward"]
     assert "gated_pruned_weight_grad" in backward and "gated_mm" in backward
+
+
+def test_linears_behind_a_dropout_are_gated_too() -> None:
+    """With dropout on, the first layer's q/k/v read the embedding LayerNorm's z through the
+    embedding dropout: their weight gradients are gated like every other one."""
+    example = build_model("minilm", dropout=True)
+    model, batch = example.model, example.make_batch(2, 16)
+    backend = fxshear.ShearBackend(ShearConfig.from_options(preset="exact", freezing=True), codegen=False)
+    compiled = torch.compile(model, backend=backend)
+    torch.manual_seed(3)
+    example.loss(compiled, batch).backward()
+    unfrozen = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    attention = model.encoder.encoder.layer[0].attention.self
+    frozen = [attention.query.weight, attention.value.weight]
+    torch.manual_seed(3)
+    with fxshear.frozen(frozen):
+        example.loss(compiled, batch).backward()
+    for name, p in model.named_parameters():
+        if any(p is f for f in frozen):
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, unfrozen[name], rtol=1e-5, atol=1e-6, msg=name)
+    backward = backend.dispatchers[0].region.readable_graphs()["backward"]
+    assert backward.count("fxshear.gated_dropout_input_weight_grad.default(") == 3

@@ -22,7 +22,8 @@ from fxshear.kernels.norms import (
     normalize_reference,
     rms_norm,
 )
-from fxshear.kernels.shared_linear import shared_linear
+from fxshear.kernels.dropout_bits import dropout_apply, dropout_draw
+from fxshear.kernels.shared_linear import _lower_dropout_input_weight_grad, dropout_input_weight_grad, shared_linear
 
 F = torch.nn.functional
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -352,6 +353,80 @@ def test_opcheck_shared_linear(dtype: torch.dtype) -> None:
             x = x + params["beta"]
         args = [t if t is None else t.requires_grad_() for t in (x, z, *params.values())]
         torch.library.opcheck(shared_linear, (*args, "torch"))
+
+
+# ----------------------------------------------------------------------------- behind a dropout
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+@pytest.mark.parametrize(("gamma", "beta", "bias"), [(True, True, True), (False, False, False), (True, False, True)])
+def test_shared_linear_behind_dropout_matches_eager(dtype, frozen, gamma, beta, bias) -> None:  # noqa: ANN001
+    """norm affine -> F.dropout -> Linear (PEFT LoRA A): the same seed gives eager's mask, output
+    and every gradient, while the Linear keeps z and the bits instead of the dropout output."""
+    z0, params, grad = linear_case(dtype, gamma, beta, bias, frozen)
+    p = 0.3
+    results = []
+    for ours in (True, False):
+        z = z0.clone().requires_grad_()
+        leaves_ = {name: None if t is None else t.clone().requires_grad_(not (frozen and name == "weight"))
+                   for name, t in params.items()}
+        x = z
+        if leaves_["gamma"] is not None:
+            x = x * leaves_["gamma"]
+        if leaves_["beta"] is not None:
+            x = x + leaves_["beta"]
+        torch.manual_seed(7)
+        if ours:
+            bits = dropout_draw(x, p, "torch")
+            d = dropout_apply(x, bits, p, "torch")
+            y = shared_linear(d, z, leaves_["gamma"], leaves_["beta"], leaves_["weight"], leaves_["bias"], "torch",
+                              bits, p)
+        else:
+            y = F.linear(F.dropout(x, p), leaves_["weight"], leaves_["bias"])
+        y.backward(grad)
+        results.append((y, {"z": z.grad, **{k: None if t is None else t.grad for k, t in leaves_.items()}}))
+    (y_ours, ours_grads), (y_eager, eager_grads) = results
+    assert torch.equal(y_ours, y_eager)
+    for name, value in eager_grads.items():
+        if value is None:
+            assert ours_grads[name] is None, name
+        else:
+            assert ours_grads[name].dtype == value.dtype
+            assert_close_scaled(ours_grads[name], value, 2 * TOL[dtype])
+
+
+def test_shared_linear_behind_dropout_saves_z_and_bits_not_the_dropout_output() -> None:
+    z, params, grad = linear_case(torch.float32, True, True, True, False)
+    z.requires_grad_()
+    x = z * params["gamma"] + params["beta"]
+    bits = dropout_draw(x, 0.2, "torch")
+    d = dropout_apply(x, bits, 0.2, "torch")
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = shared_linear(d, z, params["gamma"], params["beta"], params["weight"].requires_grad_(), None, "torch",
+                          bits, 0.2)
+    pointers = {t.data_ptr() for t in saved}
+    assert d.data_ptr() not in pointers and x.data_ptr() not in pointers
+    assert {z.data_ptr(), bits.data_ptr()} <= pointers
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_behind_dropout_and_its_lowering(dtype: torch.dtype) -> None:
+    z, params, grad = linear_case(dtype, True, True, True, False, shape=(3, 4, 6), out=5)
+    x = z * params["gamma"] + params["beta"]
+    bits = dropout_draw(x, 0.25, "torch")
+    d = dropout_apply(x, bits, 0.25, "torch")
+    args = [t.requires_grad_() for t in (d, z, *params.values())]
+    torch.library.opcheck(shared_linear, (*args, "torch", bits, 0.25))
+    op_args = (grad, z.detach(), params["gamma"].detach(), params["beta"].detach(), bits, 0.25, "torch")
+    torch.library.opcheck(dropout_input_weight_grad, op_args)
+    expected = grad.reshape(-1, 5).t().matmul(d.detach().reshape(-1, 6))
+    torch.testing.assert_close(dropout_input_weight_grad(*op_args), expected)
+    torch.testing.assert_close(_lower_dropout_input_weight_grad(*op_args), expected)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        shared_linear(d, z, None, None, params["weight"], None, "torch", bits, 0.0)
 
 
 def test_shared_linear_bad_arguments() -> None:

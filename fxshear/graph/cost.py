@@ -32,7 +32,7 @@ def register_flop_formulas() -> None:
     ops = torch.ops.fxshear
 
     @register_flop_formula(ops.shared_linear)
-    def _shared_linear(x, z, gamma, beta, weight, bias, impl, *, out_shape=None, **_):  # noqa: ANN001, ANN202
+    def _shared_linear(x, z, gamma, beta, weight, bias, impl, bits=None, p=0.0, *, out_shape=None, **_):  # noqa: ANN001, ANN202
         return _linear(x, weight[0])
 
     @register_flop_formula(ops.returned_linear)

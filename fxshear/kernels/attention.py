@@ -250,12 +250,13 @@ def scores_shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
     "fxshear::attention_dropout_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
 )
 def attention_dropout_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str,
-                           rng: str = "eager") -> torch.Tensor:
+                           rng: str = "eager", after: torch.Tensor | None = None) -> torch.Tensor:
     """The mask eager dropout of the attention probabilities of q and k would draw now, packed.
 
     Eager's probabilities are a fresh contiguous tensor in q's dtype, so the draw is made on a
-    scratch tensor of that shape and dtype.  Tagged ``nondeterministic_seeded``: the compiler
-    neither merges, reorders nor recomputes it (see ``graph/partitioner.py: pin_ops``).
+    scratch tensor of that shape and dtype.  Tagged ``nondeterministic_seeded`` so that it is
+    never recomputed (see ``graph/partitioner.py: pin_ops``); ``after`` (the previous draw's
+    bits, unread) keeps draws distinct and in order (see ``dropout_draw``).
     ``rng="fast"``: any mask with keep probability ``1 - p`` (see ``dropout_draw``).
     """
     if not 0.0 < dropout_p <= 1.0:
@@ -269,7 +270,7 @@ def attention_dropout_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, i
 
 @attention_dropout_draw.register_fake
 def _attention_dropout_draw_fake(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str,
-                                 rng: str = "eager") -> torch.Tensor:
+                                 rng: str = "eager", after: torch.Tensor | None = None) -> torch.Tensor:
     return q.new_empty((packed_bits_numel(_scores_numel(q, k)),), dtype=torch.uint8)
 
 
@@ -277,7 +278,7 @@ def _attention_dropout_draw_fake(q: torch.Tensor, k: torch.Tensor, dropout_p: fl
                        when=lambda args, kwargs: kwargs.get("rng", args[4] if len(args) > 4 else "eager") == "fast",
                        uses_rng=True)
 def _lower_fast_attention_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str,
-                               rng: str = "eager") -> torch.Tensor:
+                               rng: str = "eager", after: torch.Tensor | None = None) -> torch.Tensor:
     return fast_mask(q, dropout_p, scores_shape(q, k))
 
 

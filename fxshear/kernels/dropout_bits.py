@@ -143,11 +143,14 @@ def draw_mask(noise: torch.Tensor, p: float, impl: str) -> torch.Tensor:
     return pack_bits_now(keep)
 
 
-# nondeterministic_seeded: the compiler must neither merge two calls, nor move one across another
-# random op (the draws would leave eager's order), nor recompute one (a new mask); see
-# graph/partitioner.py: pin_ops.
+# nondeterministic_seeded: the compiler must not recompute a draw (a new mask); see
+# graph/partitioner.py: pin_ops.  The tag does not stop AOTAutograd's CSE from merging two draws
+# with equal arguments (its list of random ops is aten's), nor a scheduler from swapping two
+# independent ones: ``after``, the previous draw's bits, makes every draw distinct and ordered
+# (passes/draw_order.py threads it through a graph).
 @torch.library.custom_op("fxshear::dropout_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def dropout_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> torch.Tensor:
+def dropout_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager",
+                 after: torch.Tensor | None = None) -> torch.Tensor:
     """The mask ``F.dropout(x, p, training=True)`` would draw now, packed 8 per byte.
 
     Only x's shape, dtype, device and strides matter.  Drawing is split from applying
@@ -157,6 +160,7 @@ def dropout_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> to
     ``rng="fast"`` promises no particular stream, only a mask with keep probability ``1 - p``:
     compiled on CPU it becomes the compiler's own fused random numbers (see :func:`fast_mask`),
     where eager's CPU draw is a serial Mersenne-Twister loop (about 11 ns per element).
+    ``after`` is read by nobody: it only orders this draw after the one that made it.
     """
     check_rng(rng)
     if rng == "fast":
@@ -165,7 +169,8 @@ def dropout_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> to
 
 
 @dropout_draw.register_fake
-def _dropout_draw_fake(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> torch.Tensor:
+def _dropout_draw_fake(x: torch.Tensor, p: float, impl: str, rng: str = "eager",
+                       after: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((packed_numel(x.numel()),), dtype=torch.uint8)
 
 
@@ -188,7 +193,8 @@ def fast_mask(like: torch.Tensor, p: float, shape: tuple[int, ...] | None = None
 @register_cpu_lowering(torch.ops.fxshear.dropout_draw.default,
                        when=lambda args, kwargs: kwargs.get("rng", args[3] if len(args) > 3 else "eager") == "fast",
                        uses_rng=True)
-def _lower_fast_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager") -> torch.Tensor:
+def _lower_fast_draw(x: torch.Tensor, p: float, impl: str, rng: str = "eager",
+                     after: torch.Tensor | None = None) -> torch.Tensor:
     return fast_mask(x, p)
 
 

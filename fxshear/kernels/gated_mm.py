@@ -12,6 +12,8 @@ Ops:
     gated_mm(a [m, k], b [k, n], weight) -> a @ b, or zeros [m, n] when ``weight`` is frozen.
     gated_pruned_weight_grad(grad, values, bits, in_features, impl, weight)
         -> fxshear::pruned_weight_grad(...), or zeros when ``weight`` is frozen.
+    gated_dropout_input_weight_grad(grad, z, gamma, beta, bits, p, impl, weight)
+        -> fxshear::dropout_input_weight_grad(...) (a norm-fed Linear behind a dropout), or zeros.
 
 ``weight`` is only read for its ``requires_grad`` flag: it is the parameter whose gradient
 this matmul produces, as the compiled forward received it.  It is never lowered to aten math:
@@ -72,3 +74,20 @@ def gated_pruned_weight_grad(grad: torch.Tensor, values: torch.Tensor, bits: tor
 def _gated_pruned_weight_grad_fake(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, in_features: int,
                                    impl: str, weight: torch.Tensor) -> torch.Tensor:
     return grad.new_empty(grad.shape[-1], in_features)
+
+
+@torch.library.custom_op("fxshear::gated_dropout_input_weight_grad", mutates_args=())
+def gated_dropout_input_weight_grad(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor | None,
+                                    beta: torch.Tensor | None, bits: torch.Tensor, p: float, impl: str,
+                                    weight: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of a Linear behind a dropout of a norm's output, or zeros when frozen."""
+    if not weight.requires_grad:
+        return grad.new_zeros(grad.shape[-1], z.shape[-1], dtype=torch.promote_types(grad.dtype, z.dtype))
+    from . import shared_linear  # noqa: F401  (registers the op)
+
+    return torch.ops.fxshear.dropout_input_weight_grad(grad, z, gamma, beta, bits, p, impl)
+
+
+@gated_dropout_input_weight_grad.register_fake
+def _gated_dropout_input_weight_grad_fake(grad, z, gamma, beta, bits, p, impl, weight):  # noqa: ANN001, ANN202
+    return grad.new_empty(grad.shape[-1], z.shape[-1], dtype=torch.promote_types(grad.dtype, z.dtype))

@@ -91,6 +91,8 @@ class Consumer:
     weight: torch.fx.Node
     bias: object
     transposed: bool               # weight stored [in, out] (Conv1D's addmm)
+    dropout: torch.fx.Node | None = None  # a training dropout between y and the Linear, if any
+    p: float = 0.0                 # that dropout's probability
 
 
 def linear_consumers(y: torch.fx.Node) -> list[Consumer]:

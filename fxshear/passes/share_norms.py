@@ -12,7 +12,10 @@ Rewritten:
     o = linear(y, W, c)               ->  o = fxshear::shared_linear(y, z, w, b, W, c)
 Hugging Face's hand-written RMSNorm (``x.float() · rsqrt(mean(x²) + eps)``, cast back, times
 the weight) and ``F.rms_norm`` are matched the same way.  GPT-2's Conv1D
-(``addmm(c, y.view(-1, D), W)``) is treated as a Linear with weight ``Wᵀ``.
+(``addmm(c, y.view(-1, D), W)``) is treated as a Linear with weight ``Wᵀ``.  A Linear behind a
+training dropout (PEFT LoRA's ``lora_dropout`` before LoRA A, BERT's embedding dropout before
+the first layer's q/k/v) shares ``z`` too: with ``dropout_bits`` on, the mask is kept at 1 bit
+per element anyway, and its weight gradient rebuilds ``dropout(z·γ + β)`` from ``z`` and the bits.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .base import PassReport, excluded
 from .match import (
     argument,
     call,
+    dropout_arguments,
     fake_run,
     is_float_tensor,
     is_function,
@@ -183,14 +187,18 @@ class ShareNormsPass:
                 continue
             reason = self._why_not(found, cfg)
             consumers = linear_consumers(found.output) if reason is None else []
+            if reason is None and cfg.dropout_bits:
+                consumers += self._behind_dropout(found.output, cfg)
             if reason is None and not consumers:
-                reason = ("its output feeds no Linear with a trainable weight (e.g. it goes through "
-                          "dropout first), so there is no saved copy to share")
+                reason = ("its output feeds no Linear with a trainable weight (directly or through a "
+                          "training dropout), so there is no saved copy to share")
             if reason:
                 report.skip(found.output, reason)
                 continue
             self._rewrite(graph, found, consumers, cfg)
-            report.rewritten.append(f"{found.output.name} ({found.kind}norm → {len(consumers)} linear)")
+            behind = sum(c.dropout is not None for c in consumers)
+            report.rewritten.append(f"{found.output.name} ({found.kind}norm → {len(consumers)} linear"
+                                    f"{f', {behind} behind dropout' if behind else ''})")
         graph.lint()
         gm.recompile()
         return report
@@ -218,17 +226,58 @@ class ShareNormsPass:
             # RMS chain: the cast-back normalized value becomes z; weight * z stays as written.
             found.replaced.replace_all_uses_with(z)
             output = found.output
+        applied = {}
+        for drop in dict.fromkeys(c.dropout for c in consumers if c.dropout is not None):
+            applied[drop] = self._split_dropout(graph, drop, cfg)
         for consumer in consumers:
-            self._share(graph, consumer, output, z, found, cfg)
+            self._share(graph, consumer, output, z, found, cfg, applied.get(consumer.dropout))
         for dead in reversed(found.dead):
             if not dead.users:
                 graph.erase_node(dead)
 
+    @staticmethod
+    def _behind_dropout(y: torch.fx.Node, cfg: ShearConfig) -> list[Consumer]:
+        """Linears (trainable, reading the dropout output itself) behind a training dropout of ``y``."""
+        found = []
+        for user in y.users:
+            parts = dropout_arguments(user)
+            if parts is None or parts[0] is not y:
+                continue
+            _, p, training, inplace = parts
+            if training is not True or inplace or isinstance(p, bool) or not isinstance(p, (int, float)) \
+                    or not 0 < p < 1 or excluded(user, cfg):
+                continue  # left to the dropout_bits pass, which logs why
+            for consumer in linear_consumers(user):
+                if consumer.view is None:
+                    consumer.dropout, consumer.p = user, float(p)
+                    found.append(consumer)
+        return found
+
+    def _split_dropout(self, graph: torch.fx.Graph, drop: torch.fx.Node, cfg: ShearConfig,
+                       ) -> tuple[torch.fx.Node, torch.fx.Node, float]:
+        """The dropout as draw + apply, where it stood (so the generator is used in eager's order)."""
+        from ..kernels import dropout_bits  # noqa: F401  (registers the ops)
+
+        x, p = drop.args[0] if drop.args else drop.kwargs["input"], float(dropout_arguments(drop)[1])
+        with graph.inserting_before(drop):
+            bits = call(graph, torch.ops.fxshear.dropout_draw.default, (x, p, cfg.kernels, cfg.dropout_rng),
+                        like=drop, pass_name=self.name)
+            applied = call(graph, torch.ops.fxshear.dropout_apply.default, (x, bits, p, cfg.kernels),
+                           like=drop, pass_name=self.name)
+        drop.replace_all_uses_with(applied)
+        graph.erase_node(drop)
+        return applied, bits, p
+
     def _share(self, graph: torch.fx.Graph, consumer: Consumer, y: torch.fx.Node, z: torch.fx.Node,
-               found: NormMatch, cfg: ShearConfig) -> None:
+               found: NormMatch, cfg: ShearConfig,
+               dropout: tuple[torch.fx.Node, torch.fx.Node, float] | None = None) -> None:
         node = consumer.node
+        extra: tuple = ()
         with graph.inserting_before(node):
             x_in, z_in, weight = y, z, consumer.weight
+            if dropout is not None:
+                x_in, bits, p = dropout
+                extra = (bits, p)
             if consumer.view is not None:
                 x_in = consumer.view
                 z_in = graph.call_method(consumer.view.target, (z, *consumer.view.args[1:]),
@@ -239,7 +288,7 @@ class ShareNormsPass:
             if consumer.transposed:
                 weight = call(graph, torch.t, (consumer.weight,), like=node, pass_name=self.name)
             shared = call(graph, torch.ops.fxshear.shared_linear.default,
-                          (x_in, z_in, found.gamma, found.beta, weight, consumer.bias, cfg.kernels),
+                          (x_in, z_in, found.gamma, found.beta, weight, consumer.bias, cfg.kernels, *extra),
                           like=node, pass_name=self.name)
         node.replace_all_uses_with(shared)
         graph.erase_node(node)
