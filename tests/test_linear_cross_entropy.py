@@ -6,6 +6,8 @@ of the op; opcheck; chunking invariance; what autograd keeps for backward.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,19 @@ def fused(hidden, weight, bias, target, **kwargs):  # noqa: ANN001, ANN003, ANN2
 
 def class_weights(v: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(v, generator=torch.Generator().manual_seed(seed + 7)) * 2 + 0.1
+
+
+@contextlib.contextmanager
+def saved_shapes():  # noqa: ANN201
+    """The shapes of the tensors autograd saves inside the block, in a list filled as it runs."""
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -306,17 +321,10 @@ def test_saves_no_logits_for_backward() -> None:
     """Autograd keeps [N, H] + [V, H] + [V] gradients, nothing of shape [N, V]."""
     n, h, v = 32, 8, 97
     hidden, weight, bias, target = make_inputs(n, h, v)
-    saved: list[tuple[int, ...]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_shapes() as saved:
         fused_linear_cross_entropy(hidden, weight, bias, target, chunk_size=8)
     assert sorted(saved) == sorted([(n, h), (v, h), (v,)])
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_shapes() as saved:
         F.cross_entropy(F.linear(hidden, weight, bias), target)
     assert (n, v) in saved  # what eager keeps, for contrast
 
@@ -417,13 +425,7 @@ def test_none_keeps_hidden_not_logits_and_returns_target_shape() -> None:
     """reduction="none": autograd keeps the inputs (hidden, weight, bias, target), no [N, V]."""
     n, h, v = 32, 8, 97
     hidden, weight, bias, target = make_inputs(n, h, v)
-    saved: list[tuple[int, ...]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_shapes() as saved:
         loss = fused_linear_cross_entropy(hidden.reshape(4, 8, h), weight, bias, target.reshape(4, 8),
                                           reduction="none", chunk_size=8)
     assert loss.shape == (4, 8)

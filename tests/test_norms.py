@@ -236,17 +236,23 @@ def linear_case(dtype: torch.dtype, gamma: bool, beta: bool, bias: bool, frozen:
     return z, params, grad
 
 
+def affine(z, gamma, beta):  # noqa: ANN001, ANN201
+    """``z * gamma + beta`` where each is given: the norm's output as the rewrite rebuilds it."""
+    x = z
+    if gamma is not None:
+        x = x * gamma
+    if beta is not None:
+        x = x + beta
+    return x
+
+
 def run_linear(z, params, grad, frozen: bool, ours: bool, precision: torch.dtype | None = None):
     """Gradients of F.linear(z * gamma + beta, W, b) w.r.t. every leaf (None where not required)."""
     cast = (lambda t: t.to(precision)) if precision else (lambda t: t)
     z = cast(z).detach().requires_grad_()
     leaves_ = {name: None if t is None else cast(t).detach().requires_grad_(not (frozen and name == "weight"))
                for name, t in params.items()}
-    x = z
-    if leaves_["gamma"] is not None:
-        x = x * leaves_["gamma"]
-    if leaves_["beta"] is not None:
-        x = x + leaves_["beta"]
+    x = affine(z, leaves_["gamma"], leaves_["beta"])
     if ours:
         y = shared_linear(x, z, leaves_["gamma"], leaves_["beta"], leaves_["weight"], leaves_["bias"], "torch")
     else:
@@ -346,11 +352,7 @@ def test_opcheck_shared_linear(dtype: torch.dtype) -> None:
     for gamma, beta, bias, shape in [(True, True, True, (2, 3, 6)), (False, False, False, (4, 5)),
                                      (True, False, True, (6,))]:
         z, params, _ = linear_case(dtype, gamma, beta, bias, False, shape=shape, out=4)
-        x = z.clone()
-        if params["gamma"] is not None:
-            x = x * params["gamma"]
-        if params["beta"] is not None:
-            x = x + params["beta"]
+        x = affine(z.clone(), params["gamma"], params["beta"])
         args = [t if t is None else t.requires_grad_() for t in (x, z, *params.values())]
         torch.library.opcheck(shared_linear, (*args, "torch"))
 
@@ -371,11 +373,7 @@ def test_shared_linear_behind_dropout_matches_eager(dtype, frozen, gamma, beta, 
         z = z0.clone().requires_grad_()
         leaves_ = {name: None if t is None else t.clone().requires_grad_(not (frozen and name == "weight"))
                    for name, t in params.items()}
-        x = z
-        if leaves_["gamma"] is not None:
-            x = x * leaves_["gamma"]
-        if leaves_["beta"] is not None:
-            x = x + leaves_["beta"]
+        x = affine(z, leaves_["gamma"], leaves_["beta"])
         torch.manual_seed(7)
         if ours:
             bits = dropout_draw(x, p, "torch")

@@ -136,17 +136,19 @@ def shared_linear_backward(
     return grad_x, grad_weight, grad_bias
 
 
-def _rebuild_input(z: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, bits: torch.Tensor,
-                   p: float, impl: str) -> torch.Tensor:
-    """``dropout(z * gamma + beta)`` with the forward's mask, computed as the forward computed it."""
-    from .dropout_bits import dropout_apply
-
+def _affine(z: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
+    """``z * gamma + beta`` with the ops the rewritten graph uses, so the rebuild equals the forward."""
     y = z
     if gamma is not None:
         y = torch.mul(y, gamma)
     if beta is not None:
         y = torch.add(y, beta)
-    return dropout_apply(y, bits, p, impl)
+    return y
+
+
+def _grad_t_input(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``gradᵀ · x`` over the flattened leading dims: a Linear's ``[out, in]`` weight gradient."""
+    return grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
 
 
 @torch.library.custom_op("fxshear::dropout_input_weight_grad", mutates_args=())
@@ -158,8 +160,9 @@ def dropout_input_weight_grad(grad: torch.Tensor, z: torch.Tensor, gamma: torch.
     values, so as separate ops the min-cut would compute it in the forward and save it (a custom
     op may not be recomputed), which is the dense copy this rewrite exists to drop.
     """
-    x = _rebuild_input(z, gamma, beta, bits, p, impl)
-    return grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+    from .dropout_bits import dropout_apply
+
+    return _grad_t_input(grad, dropout_apply(_affine(z, gamma, beta), bits, p, impl))
 
 
 @dropout_input_weight_grad.register_fake
@@ -172,13 +175,7 @@ def _lower_dropout_input_weight_grad(grad: torch.Tensor, z: torch.Tensor, gamma:
                                      impl: str) -> torch.Tensor:
     from .dropout_bits import apply_math
 
-    y = z
-    if gamma is not None:
-        y = torch.mul(y, gamma)
-    if beta is not None:
-        y = torch.add(y, beta)
-    x = apply_math(y, bits, p)
-    return grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+    return _grad_t_input(grad, apply_math(_affine(z, gamma, beta), bits, p))
 
 
 register_cpu_lowering(torch.ops.fxshear.dropout_input_weight_grad.default)(_lower_dropout_input_weight_grad)
