@@ -100,6 +100,20 @@ def _exclusive_cone(order: list[torch.fx.Node], position: dict[torch.fx.Node, in
     return cone
 
 
+def _append_eager_input(node: torch.fx.Node, weight: torch.fx.Node) -> None:
+    """Keep ``eager_input_vals`` in step with the node's new argument list.
+
+    Why: Inductor lays out a custom op's inputs as its eager call saw them, read from this meta
+    and normalized against the op's schema; left at the ungated op's arguments it no longer
+    matches the gated schema (one argument more) and lowering fails.
+    """
+    recorded = node.meta.get("eager_input_vals")
+    if recorded is None:
+        return
+    args, kwargs = recorded
+    node.meta["eager_input_vals"] = ((*args, weight.meta.get("val")), kwargs)
+
+
 def gate_gradients(gm: torch.fx.GraphModule, num_fwd_outputs: int, indices: Iterable[int]) -> GateReport:
     """Put the weight-gradient matmuls of primals ``indices`` behind ``fxshear::gated_mm``.
 
@@ -129,6 +143,7 @@ def gate_gradients(gm: torch.fx.GraphModule, num_fwd_outputs: int, indices: Iter
         for node in matmuls:
             node.target = targets[node.target]
             node.args = (*node.args, weight)
+            _append_eager_input(node, weight)
         report.gated[i] = len(matmuls)
         changed = True
     if changed:
