@@ -22,10 +22,13 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 ON_ERROR_CHOICES = ("fallback", "raise")
 ACT_FROM_OUTPUT_CHOICES = ("off", "exact_dtypes", "all")
 DROPOUT_RNG_CHOICES = ("eager", "fast")
-PRUNE_OP_CHOICES = ("linear",)
-# The reference work's opt-in targets that fxshear does not prune yet (a clear error, not a no-op).
-UNBUILT_PRUNE_OPS = {"attention": "attention matmul operands", "softmax": "softmax outputs",
-                     "norm": "norm inputs"}
+PRUNE_OP_CHOICES = ("linear", "attention", "softmax")
+DEFAULT_PRUNE_OPS = ("linear",)
+# Attention's saved tensors exist only where attention is not rebuilt in the backward.
+ATTENTION_PRUNE_OPS = ("attention", "softmax")
+# The reference work's opt-in targets that fxshear does not prune (a clear error, not a no-op).
+UNBUILT_PRUNE_OPS = {"norm": "norm inputs; with share_norms (on in every preset but 'none') a "
+                             "LayerNorm/RMSNorm keeps no input at all, only its output shared with the next Linears"}
 # Heads are left dense by default, as in Back Razor: the classifier / LM head / pooler see few
 # tokens or feed the loss directly, and their saved inputs are small.
 DEFAULT_PRUNE_EXCLUDE = ("*classifier*", "*lm_head*", "*pooler*", "score", "*.score")
@@ -68,7 +71,10 @@ class ShearConfig:
         keep_ratio: fraction of each sample's entries kept, in (0, 1]; 1.0 is exact.
         keep_ratios: ``{module pattern: ratio}`` overrides of ``keep_ratio`` (fnmatch on the
             module path, first match wins).
-        prune_ops: which saved tensors are pruned; "linear" (Linear inputs) is the one built.
+        prune_ops: which saved tensors are pruned: "linear" (Linear inputs, the default),
+            "attention" (the operands eager attention's matmuls keep) and "softmax" (its
+            probabilities); the last two are approximate in the input gradients too and need
+            ``attention_recompute=False`` (the exact rebuild keeps none of those tensors).
         prune_exclude: module patterns never pruned (default: classifier, LM head, pooler).
         memory_budget: PyTorch's ``activation_memory_budget`` for fxshear regions, in [0, 1];
             None leaves the partitioner's global setting alone.
@@ -95,7 +101,7 @@ class ShearConfig:
     prune: bool = False
     keep_ratio: float = 0.1
     keep_ratios: tuple[tuple[str, float], ...] = ()
-    prune_ops: tuple[str, ...] = PRUNE_OP_CHOICES
+    prune_ops: tuple[str, ...] = DEFAULT_PRUNE_OPS
     prune_exclude: tuple[str, ...] = DEFAULT_PRUNE_EXCLUDE
     memory_budget: float | None = None
     exclude: tuple[str, ...] = ()
@@ -117,10 +123,17 @@ class ShearConfig:
         unbuilt = [op for op in self.prune_ops if op in UNBUILT_PRUNE_OPS]
         if unbuilt:
             raise ConfigError(
-                f"prune_ops {unbuilt} (pruning {', '.join(UNBUILT_PRUNE_OPS[o] for o in unbuilt)}) is not "
-                f"built yet; the accepted value is {PRUNE_OP_CHOICES!r}"
+                f"prune_ops {unbuilt} (pruning {'; '.join(UNBUILT_PRUNE_OPS[o] for o in unbuilt)}) is not "
+                f"built; the accepted values are {PRUNE_OP_CHOICES!r}"
             )
         _check_subset("prune_ops", self.prune_ops, PRUNE_OP_CHOICES)
+        in_attention = [op for op in self.prune_ops if op in ATTENTION_PRUNE_OPS]
+        if self.prune and in_attention and self.attention_recompute:
+            raise ConfigError(
+                f"prune_ops {in_attention} prune what eager attention saves for backward, but "
+                "attention_recompute=True rebuilds attention in the backward and saves none of it; "
+                "pass attention_recompute=False to prune those tensors instead"
+            )
         if not all(isinstance(p, str) and p for p in self.prune_exclude):
             raise ConfigError(f"prune_exclude must be a sequence of non-empty strings, got {self.prune_exclude!r}")
         _check_choice("act_from_output", self.act_from_output, ACT_FROM_OUTPUT_CHOICES)

@@ -51,8 +51,9 @@ def test_presets_and_defaults() -> None:
         ({"keep_ratios": {"fc*": 2}}, "keep_ratios['fc*'] must be a number in (0, 1]"),
         ({"keep_ratios": 0.5}, "keep_ratios must be a {module pattern: ratio} mapping"),
         ({"prune": "yes"}, "prune must be True or False"),
-        ({"prune_ops": ["softmax"]}, "is not built yet"),
-        ({"prune_ops": ["conv"]}, "prune_ops entries must be among 'linear'"),
+        ({"prune_ops": ["norm"]}, "is not built"),
+        ({"prune_ops": ["conv"]}, "prune_ops entries must be among 'linear', 'attention', 'softmax'"),
+        ({"preset": "aggressive", "prune_ops": ["attention"]}, "pass attention_recompute=False"),
         ({"prune_exclude": [""]}, "prune_exclude must be a sequence of non-empty strings"),
     ],
 )

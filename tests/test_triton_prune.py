@@ -17,11 +17,13 @@ from fxshear.kernels.prune import (  # noqa: E402
     pruned_linear,
     pruned_weight_grad,
     pruned_weight_grad_reference,
+    unprune_reference,
 )
 from fxshear.kernels.prune_triton import (  # noqa: E402
     kept_before_each_byte,
     prune_pack_triton,
     pruned_weight_grad_triton,
+    unprune_triton,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,6 +64,17 @@ def test_weight_grad_equals_the_reference(dtype: torch.dtype) -> None:
     expected = pruned_weight_grad_reference(grad, values, bits, 40)
     actual = pruned_weight_grad_triton(grad, values, bits, 40, block_o=16, block_i=16, block_r=16)
     assert_rel_close(actual, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.3, 0.01])
+def test_unprune_equals_the_reference(dtype: torch.dtype, keep_ratio: float) -> None:
+    x = randn(3, 7, 53, dtype=dtype, seed=4)  # 371 elements per sample: a partial last byte
+    values, bits = prune_pack_reference(x, keep_ratio)
+    expected = unprune_reference(values, bits, 371)
+    assert torch.equal(unprune_triton(values, bits, 371, block_bytes=16), expected)
+    if keep_ratio == 1.0:
+        assert torch.equal(expected, x.reshape(3, -1))
 
 
 def test_running_counts() -> None:

@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     linear_cross_entropy,
     norms,
     prune,
+    prune_attention,
     returned_linear,
     shared_linear,
 )

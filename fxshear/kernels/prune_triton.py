@@ -9,6 +9,8 @@
     of kept elements before it: a per-byte running count (int32, one per 8 elements, built in
     the wrapper and freed after) plus the popcount of the lower bits of its own byte.  No dense
     copy of the input is ever written.
+(c) ``_unprune_kernel``: the dense copy, for the pruned attention matmuls and softmax whose
+    backward is a batched matmul or a softmax gradient (no packed-operand kernel of their own).
 
 Both are tested on CPU tensors under ``TRITON_INTERPRET=1`` against the torch reference.
 """
@@ -182,3 +184,34 @@ def pruned_weight_grad_triton(grad: torch.Tensor, values: torch.Tensor, bits: to
         DOT_PRECISION="ieee" if grad.dtype == torch.float32 else "tf32", INTERPRETED=grad.device.type == "cpu",
     )
     return dw
+
+
+@triton.jit
+def _unprune_kernel(values_ptr, bits_ptr, offsets_ptr, dense_ptr, n, k, num_bytes, BLOCK_BYTES: tl.constexpr):
+    """One program per (sample, block of bytes): each element is its kept value or zero."""
+    sample = tl.program_id(0).to(tl.int64)
+    byte_idx = tl.program_id(1) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    lane = tl.arange(0, 8)
+    byte_valid = byte_idx < num_bytes
+    byte = tl.load(bits_ptr + sample * num_bytes + byte_idx, mask=byte_valid, other=0).to(tl.int32)
+    before = tl.load(offsets_ptr + sample * num_bytes + byte_idx, mask=byte_valid, other=0)
+    elems = byte_idx[:, None].to(tl.int64) * 8 + lane[None, :]
+    valid = byte_valid[:, None] & (elems < n)
+    kept = valid & (((byte[:, None] >> lane[None, :]) & 1) == 1)
+    rank = before[:, None] + _popcount_byte(byte[:, None] & ((1 << lane[None, :]) - 1))
+    x = tl.load(values_ptr + sample * k + rank, mask=kept, other=0.0)
+    tl.store(dense_ptr + sample * n + elems, x, mask=valid)
+
+
+def unprune_triton(values: torch.Tensor, bits: torch.Tensor, n: int, *, block_bytes: int = 256) -> torch.Tensor:
+    """``fxshear::unprune``: the dense ``[samples, n]`` copy, equal to the torch reference."""
+    _check_dtype("values", values)
+    samples, num_bytes = bits.shape
+    dense = values.new_empty((samples, n))
+    if samples == 0 or n == 0:
+        return dense
+    offsets = kept_before_each_byte(bits)
+    grid = (samples, triton.cdiv(num_bytes, block_bytes))
+    _unprune_kernel[grid](values.contiguous(), bits.contiguous(), offsets, dense, n, values.shape[1], num_bytes,
+                          BLOCK_BYTES=block_bytes)
+    return dense

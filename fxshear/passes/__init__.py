@@ -5,7 +5,8 @@ first, so every later pass sees one activation op; the fused loss and attention 
 (attention includes its dropout) before the single-op passes look; norms are shared before the
 activation passes check which outputs a Linear saves; ``act_from_output`` claims the activations
 it can invert exactly before ``act2bit`` approximates the rest; pruning comes last, when it is
-known which Linear inputs nothing else keeps dense.
+known which Linear inputs nothing else keeps dense, and attention's own tensors (opt-in) after
+the Linears.
 """
 
 from .act2bit import Act2BitPass
@@ -16,6 +17,7 @@ from .dropout_bits import DropoutBitsPass
 from .fused_loss import FusedLossPass
 from .gelu_formula import GeluFormulaPass
 from .prune import PrunePass
+from .prune_attention import PruneAttentionPass
 from .share_norms import ShareNormsPass
 
 PASSES: tuple[GraphPass, ...] = (
@@ -27,7 +29,8 @@ PASSES: tuple[GraphPass, ...] = (
     Act2BitPass(),
     DropoutBitsPass(),
     PrunePass(),
+    PruneAttentionPass(),
 )
 
 __all__ = ["PASSES", "Act2BitPass", "ActFromOutputPass", "AttentionPass", "DropoutBitsPass",
-           "FusedLossPass", "GeluFormulaPass", "GraphPass", "PassReport", "PrunePass", "ShareNormsPass", "Skip"]
+           "FusedLossPass", "GeluFormulaPass", "GraphPass", "PassReport", "PruneAttentionPass", "PrunePass", "ShareNormsPass", "Skip"]

@@ -32,30 +32,47 @@ def _ops() -> None:
     from .. import kernels  # noqa: F401  (registers every fxshear op these sets name)
 
 
-def _output_saving_producers() -> set[object]:
+def output_saving_producers() -> set[object]:
     ops = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, torch.tanh, torch.exp,
            torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten.sigmoid.default,
            torch.ops.aten.tanh.default, torch.ops.aten.exp.default}
     ops.add(torch.ops.fxshear.act_from_output.default)
+    ops |= {"softmax", "sigmoid", "tanh", "exp"}  # the same ops called as tensor methods
     return ops
 
 
-def _harmless_users() -> set[object]:
+def harmless_users() -> set[object]:
     """Ops that read x without keeping it for their backward."""
     users = set(LINEAR_FUNCTIONS) | {operator.add, operator.iadd, torch.add, operator.sub, torch.sub,
                                      torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
                                      torch.nn.functional.dropout, torch.dropout}
     fxshear = torch.ops.fxshear
     users |= {fxshear.dropout_draw.default, fxshear.dropout_apply.default, fxshear.pruned_linear.default,
-              fxshear.prune_pack.default}
+              fxshear.prune_pack.default, fxshear.pruned_matmul.default, fxshear.pruned_softmax.default}
     return users
 
 
-def _producer(node: torch.fx.Node) -> object:
+def producer(node: torch.fx.Node) -> object:
     """The op that made ``node``, seen through ``getitem`` of a multi-output op."""
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
         return node.args[0].target
     return node.target if node.op in ("call_function", "call_method") else None
+
+
+def why_input_is_kept(x: torch.fx.Node, saving: set[object], harmless: set[object],
+                      rewriting: torch.fx.Node | None = None) -> str | None:
+    """Why the dense x stays saved whatever this pass does (then a pruned copy only adds).
+
+    ``rewriting`` is the user about to be replaced by its pruned form (not counted)."""
+    if producer(x) in saving:
+        return f"its input is kept dense by its producer ({producer(x)}) for that op's backward"
+    for user in x.users:
+        if user is rewriting or (user.op == "call_function" and user.target in harmless):
+            continue
+        if user.op == "output":
+            continue
+        return f"its input is also read by {user.target}, which may keep it for its backward"
+    return None
 
 
 class PrunePass:
@@ -80,13 +97,13 @@ class PrunePass:
                 report.skip(node, reason)
                 continue
             groups[parts[0], cfg.keep_ratio_for(module_path(node))].append(node)
-        saving, harmless = _output_saving_producers(), _harmless_users()
+        saving, harmless = output_saving_producers(), harmless_users()
         # A pruned Linear's output may be another group's input (LoRA A feeding LoRA B): groups run
         # in graph order, and a group whose input was rewritten reads the rewritten node.
         replaced: dict[torch.fx.Node, torch.fx.Node] = {}
         for (x, ratio), linears in groups.items():
             x = replaced.get(x, x)
-            reason = self._why_x_is_kept(x, saving, harmless)
+            reason = why_input_is_kept(x, saving, harmless)
             if reason:
                 for linear in linears:
                     report.skip(linear, reason)
@@ -132,17 +149,4 @@ class PrunePass:
             return "input has no sample dimension"
         if cfg.keep_ratio_for(path) >= 1.0:
             return "keep_ratio 1.0: nothing to prune"
-        return None
-
-    @staticmethod
-    def _why_x_is_kept(x: torch.fx.Node, saving: set[object], harmless: set[object]) -> str | None:
-        """Why the dense x stays saved whatever this pass does (then a pruned copy only adds)."""
-        if _producer(x) in saving:
-            return f"its input is kept dense by its producer ({_producer(x)}) for that op's backward"
-        for user in x.users:
-            if user.op == "call_function" and user.target in harmless:
-                continue
-            if user.op == "output":
-                continue
-            return f"its input is also read by {user.target}, which may keep it for its backward"
         return None
