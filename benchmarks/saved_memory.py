@@ -138,6 +138,10 @@ CONFIGS: list[BenchConfig] = [
                   uses_fxshear=True) for ratio in (0.5, 0.2, 0.1, 0.05)],
     BenchConfig("fxshear aggressive budget=0.5", _with_fxshear("aggressive", memory_budget=0.5), uses_fxshear=True),
     BenchConfig("fxshear aggressive budget=0.1", _with_fxshear("aggressive", memory_budget=0.1), uses_fxshear=True),
+    # Back Razor's opt-in targets too: attention's matmul operands and softmax output pruned
+    # (instead of the exact attention rebuild, which they replace).
+    BenchConfig("fxshear aggressive +attention", _with_fxshear(
+        "aggressive", prune_ops=("linear", "attention", "softmax"), attention_recompute=False), uses_fxshear=True),
 ]
 
 _BASELINES = ("eager", BASELINE, "torch.compile budget=0.5", "torch.compile budget=0.1")
@@ -509,7 +513,9 @@ NOTES = [
     "Inductor draw dropout masks differently, so only compiled exact rows are expected to match.",
     "aggressive rows: pruning (Back Razor) at the keep ratio named, 2-bit GELU/SiLU codes and "
     "the exact rewrites; their dropout masks come from the compiler's RNG (dropout_rng='fast'), "
-    "like torch.compile's, so their first loss differs from the exact rows'.",
+    "like torch.compile's, so their first loss differs from the exact rows'. '+attention' also "
+    "prunes what eager attention saves (q, kᵀ, v, the probabilities) at the same keep ratio, "
+    "with attention_recompute off.",
     "peak RSS of the step: each row again in its own fresh process (warm Inductor cache), one "
     "warm-up step, then the kernel's peak-RSS mark (VmHWM) is reset and 3 steps run; the "
     "column is that peak (model, batch and step; compile-time memory excluded) and, in the JSON, "

@@ -85,13 +85,14 @@ class PruneAttentionPass:
         dim = argument(node, 1, "dim")
         # dtype is F.softmax's 4th argument, torch.softmax's and Tensor.softmax's 3rd.
         dtype_index = 3 if node.target is torch.nn.functional.softmax else 2
-        if argument(node, dtype_index, "dtype") is not None:
-            report.skip(node, "softmax with a dtype= cast is not pruned")
+        dtype = argument(node, dtype_index, "dtype")
+        value = tensor_value(x)
+        if dtype is not None and (value is None or dtype != value.dtype):
+            report.skip(node, "softmax casts to another dtype (dtype=); not pruned")
             return
         if not isinstance(dim, int):
             report.skip(node, "softmax dim is not a constant")
             return
-        value = tensor_value(x)
         if not is_float_tensor(x) or value is None or value.dim() < 2:
             report.skip(node, "input is not a float tensor with a sample dimension")
             return
