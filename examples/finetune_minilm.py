@@ -163,13 +163,13 @@ class RunResult:
         return statistics.fmean(self.losses[-LAST_STEPS_FOR_FINAL_LOSS:])
 
 
-def fresh_model() -> ExampleModel:
-    """Pretrained MiniLM plus a new 4-way head, initialised identically on every call."""
-    return build_model("minilm", num_labels=NUM_CLASSES, seed=SEED)
+def fresh_model(seed: int = SEED) -> ExampleModel:
+    """Pretrained MiniLM plus a new 4-way head, initialised identically for one seed."""
+    return build_model("minilm", num_labels=NUM_CLASSES, seed=seed)
 
 
 def train(name: str, example: ExampleModel, compile_model: Callable[[nn.Module], nn.Module],
-          batches: list[Batch], lr: float) -> RunResult:
+          batches: list[Batch], lr: float, seed: int = SEED) -> RunResult:
     """Fine-tune ``example.model`` through ``compile_model(model)`` with AdamW, one step per batch.
 
     The forward runs inside ``fxshear.measure_saved_bytes``, which counts the storages autograd
@@ -180,7 +180,7 @@ def train(name: str, example: ExampleModel, compile_model: Callable[[nn.Module],
     # fused: one pass over all parameters. The default (foreach) AdamW allocates full-size
     # temporaries every step, which costs more than forward + backward on a small CPU box.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
-    torch.manual_seed(SEED)  # same dropout RNG stream at the start of both runs
+    torch.manual_seed(seed)  # same dropout RNG stream at the start of runs with the same seed
     result = RunResult(name, losses=[], step_seconds=[], saved_activation_bytes=[])
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -226,11 +226,14 @@ def evaluate(model: nn.Module, batches: list[Batch]) -> tuple[float, float]:
 
 
 def run(name: str, compile_model: Callable[[nn.Module], nn.Module], batches: list[Batch],
-        held_out: list[Batch], lr: float) -> RunResult:
-    """Build a fresh model, fine-tune it and evaluate it on the held-out split."""
+        held_out: list[Batch], lr: float, seed: int = SEED) -> RunResult:
+    """Build a fresh model, fine-tune it and evaluate it on the held-out split.
+
+    ``seed`` sets the new head's initialisation and the dropout stream (the data order is fixed).
+    """
     torch._dynamo.reset()  # each run compiles from scratch, like a new process would
-    example = fresh_model()
-    result = train(name, example, compile_model, batches, lr)
+    example = fresh_model(seed)
+    result = train(name, example, compile_model, batches, lr, seed)
     result.held_out_loss, result.held_out_accuracy = evaluate(example.model, held_out)
     console.print(f"  {name}: held-out accuracy {result.held_out_accuracy:.1%} "
                   f"(chance {1 / NUM_CLASSES:.0%}), loss {result.held_out_loss:.3f}")
