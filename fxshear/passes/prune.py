@@ -59,6 +59,18 @@ def producer(node: torch.fx.Node) -> object:
     return node.target if node.op in ("call_function", "call_method") else None
 
 
+def exclusion_reason(node: torch.fx.Node, cfg: ShearConfig) -> str | None:
+    """Why the node's module is not pruned by configuration (``exclude``, ``prune_exclude``)."""
+    pattern = excluded(node, cfg)
+    if pattern:
+        return f"module excluded by pattern {pattern!r}"
+    path = module_path(node)
+    for pattern in cfg.prune_exclude:
+        if fnmatch.fnmatchcase(path, pattern):
+            return f"module excluded from pruning by pattern {pattern!r}"
+    return None
+
+
 def why_input_is_kept(x: torch.fx.Node, saving: set[object], harmless: set[object],
                       rewriting: torch.fx.Node | None = None) -> str | None:
     """Why the dense x stays saved whatever this pass does (then a pruned copy only adds).
@@ -133,13 +145,10 @@ class PrunePass:
     @staticmethod
     def _why_not(node: torch.fx.Node, parts: tuple[torch.fx.Node, torch.fx.Node, object], cfg: ShearConfig) -> str | None:
         x, weight, _ = parts
-        pattern = excluded(node, cfg)
-        if pattern:
-            return f"module excluded by pattern {pattern!r}"
+        reason = exclusion_reason(node, cfg)
+        if reason:
+            return reason
         path = module_path(node)
-        for pattern in cfg.prune_exclude:
-            if fnmatch.fnmatchcase(path, pattern):
-                return f"module excluded from pruning by pattern {pattern!r}"
         if not requires_grad(weight):
             return "frozen weight: the Linear saves nothing for a weight gradient"
         if not is_float_tensor(x):

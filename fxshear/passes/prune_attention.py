@@ -17,16 +17,15 @@ probabilities a pruned softmax produces count as freed for the matmul that reads
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 
 import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded, module_path
+from .base import PassReport, module_path
 from .match import argument, call, is_float_tensor, is_function, is_method, outputs, requires_grad, tensor_value
-from .prune import harmless_users, output_saving_producers, why_input_is_kept
+from .prune import exclusion_reason, harmless_users, output_saving_producers, why_input_is_kept
 
 NAME = "prune_attention"
 
@@ -40,14 +39,10 @@ def _ops() -> None:
 
 def _ratio(node: torch.fx.Node, cfg: ShearConfig) -> tuple[float, str | None]:
     """The node's keep ratio, or a reason it is not pruned (exclusions, ratio 1)."""
-    pattern = excluded(node, cfg)
-    if pattern:
-        return 1.0, f"module excluded by pattern {pattern!r}"
-    path = module_path(node)
-    for pattern in cfg.prune_exclude:
-        if fnmatch.fnmatchcase(path, pattern):
-            return 1.0, f"module excluded from pruning by pattern {pattern!r}"
-    ratio = cfg.keep_ratio_for(path)
+    reason = exclusion_reason(node, cfg)
+    if reason:
+        return 1.0, reason
+    ratio = cfg.keep_ratio_for(module_path(node))
     if ratio >= 1.0:
         return ratio, "keep_ratio 1.0: nothing to prune"
     return ratio, None
