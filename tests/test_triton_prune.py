@@ -111,3 +111,20 @@ def test_ops_take_the_triton_path_on_cuda(dtype: torch.dtype) -> None:
                      pruned_weight_grad(grad, values, bits, 384, "torch"), TOL[dtype])
     torch.library.opcheck(prune_pack, (x, 0.1, "triton"))
     torch.library.opcheck(pruned_linear, (x, values, bits, weight, None, "triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the ops take the Triton path on CUDA only")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_ops_take_the_triton_path_on_cuda(dtype: torch.dtype) -> None:
+    from fxshear.kernels.prune_attention import grad_times_pruned_t, pruned_softmax, pruned_t_times_grad
+
+    scores = torch.randn(4, 12, 128, 128, dtype=dtype, device="cuda", requires_grad=True)
+    for a, e in zip(pruned_softmax(scores, -1, 0.1, "triton"), pruned_softmax(scores, -1, 0.1, "torch")):
+        assert torch.equal(a, e)
+    values, bits = prune_pack(scores.detach(), 0.1, "torch")
+    grad = torch.randn(4, 12, 128, 128, dtype=dtype, device="cuda")
+    shape = list(scores.shape)
+    for op in (grad_times_pruned_t, pruned_t_times_grad):
+        assert_rel_close(op(grad, values, bits, shape, "triton"), op(grad, values, bits, shape, "torch"), TOL[dtype])
+    torch.library.opcheck(pruned_softmax, (scores, -1, 0.1, "triton"))

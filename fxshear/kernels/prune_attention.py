@@ -42,11 +42,17 @@ from .prune import (
 )
 
 
-def _dense(values: torch.Tensor, bits: torch.Tensor, shape: list[int], impl: str) -> torch.Tensor:
-    """The pruned tensor read back dense (kept values in place, zeros elsewhere), in ``shape``."""
+def _per_sample(shape: list[int]) -> int:
+    """Elements per sample of a tensor of ``shape`` (a sample is one index of the first dim)."""
     n = 1
     for size in shape[1:]:
         n = n * size
+    return n
+
+
+def _dense(values: torch.Tensor, bits: torch.Tensor, shape: list[int], impl: str) -> torch.Tensor:
+    """The pruned tensor read back dense (kept values in place, zeros elsewhere), in ``shape``."""
+    n = _per_sample(shape)
     if use_triton(values, impl, "prune_triton"):
         from .prune_triton import unprune_triton
 
@@ -55,10 +61,7 @@ def _dense(values: torch.Tensor, bits: torch.Tensor, shape: list[int], impl: str
 
 
 def _check_shape_pack(values: torch.Tensor, bits: torch.Tensor, shape: list[int]) -> None:
-    n = 1
-    for size in shape[1:]:
-        n = n * size
-    _check_packed(values, bits, shape[0], n)
+    _check_packed(values, bits, shape[0], _per_sample(shape))
 
 
 # The backward ops take the incoming gradient, so the min-cut cannot move the dense read-back
