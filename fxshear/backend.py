@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .compat import check_torch_version
+from .compat import check_torch_version, is_dynamo_restart
 from .config import DEFAULT_PRESET, ShearConfig
 from .log import log
 from .passes import PASSES
@@ -61,12 +61,17 @@ class ShearBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         region = Region.create(self.cfg, gm, example_inputs)
         self.regions.append(region)
-        original = copy_graph_module(gm)
-        rewritten = self._run_passes(gm, region) if region.has_backward else gm
-        region.reference = self._reference(original, example_inputs, region)
-        if self.cfg.freezing and region.has_backward:
-            region.gated = frozenset(region.trainable_parameter_indices())
-        compiled = self._compile_with_fallback(rewritten, original, example_inputs, region)
+        try:
+            original = copy_graph_module(gm)
+            rewritten = self._run_passes(gm, region) if region.has_backward else gm
+            region.reference = self._reference(original, example_inputs, region)
+            if self.cfg.freezing and region.has_backward:
+                region.gated = frozenset(region.trainable_parameter_indices())
+            compiled = self._compile_with_fallback(rewritten, original, example_inputs, region)
+        except Exception as error:
+            if is_dynamo_restart(error):  # Dynamo traces the frame again and calls us anew
+                self.regions.remove(region)
+            raise
         if not region.gated:
             return compiled
         dispatcher = FreezeDispatcher(region, compiled, max_variants=self.cfg.freeze_variants, codegen=self.codegen)
@@ -78,7 +83,7 @@ class ShearBackend:
         try:
             return self._compile(rewritten, example_inputs, region)
         except Exception as error:  # noqa: BLE001 - any failure must not stop training
-            if self.cfg.on_error == "raise":
+            if self.cfg.on_error == "raise" or is_dynamo_restart(error):
                 raise
             region.fallback_reason = f"{type(error).__name__}: {error}"
             log.warning("fxshear: compiling %s with its rewrites failed (%s); compiling it unmodified",
@@ -97,7 +102,7 @@ class ShearBackend:
             try:
                 report = graph_pass.run(candidate, self.cfg)
             except Exception as error:  # noqa: BLE001 - a failing pass is dropped, not fatal
-                if self.cfg.on_error == "raise":
+                if self.cfg.on_error == "raise" or is_dynamo_restart(error):
                     raise
                 report = PassReport(graph_pass.name, error=f"{type(error).__name__}: {error}")
                 log.warning("fxshear pass %s failed on %s and was skipped: %s",
@@ -122,6 +127,8 @@ class ShearBackend:
         try:
             return unrewritten_sizes(original, example_inputs, budget)
         except Exception as error:  # noqa: BLE001 - fall back to PyTorch's own reading of the budget
+            if is_dynamo_restart(error):
+                raise
             log.warning("fxshear: could not measure %s unrewritten (%s); memory_budget applies to the "
                         "rewritten graph as PyTorch reads it", region.name, error)
             return None

@@ -110,3 +110,17 @@ def size_hint(size: torch.SymInt) -> int:
         hint = size.node.hint
         return int(hint if hint is not None else size.node.shape_env.size_hint(size.node.expr))
     return int(optimization_hint(size))
+
+
+def is_dynamo_restart(error: BaseException) -> bool:
+    """True for Dynamo's control-flow exceptions that a backend must let through.
+
+    Why: with ``dynamic=True`` the compile may raise e.g. ``TensorifyScalarRestartAnalysis``
+    (a Python float must be specialized); Dynamo catches it and traces the frame again.  Taken
+    for a failed rewrite, it would make fxshear fall back to the unmodified graph for nothing.
+    """
+    try:
+        from torch._dynamo.exc import RestartAnalysis
+    except ImportError:  # pragma: no cover - every supported release has it
+        return False
+    return isinstance(error, RestartAnalysis)

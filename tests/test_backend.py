@@ -146,6 +146,24 @@ def test_a_failing_compile_falls_back_to_the_unmodified_graph(monkeypatch, caplo
     assert "compiling it unmodified" in caplog.text
 
 
+def test_dynamo_restarts_pass_through_instead_of_falling_back(caplog) -> None:  # noqa: ANN001
+    """Eager attention scaled by ``1 / math.sqrt(head_dim)`` under ``dynamic=True``: Dynamo first
+    traces the float symbolically, then raises TensorifyScalarRestartAnalysis inside the
+    backend's compile to trace the frame again with it specialized.  fxshear must let that
+    through, not take it for a failed rewrite and fall back to the unmodified graph."""
+    from test_prune_attention import EagerAttention
+
+    backend = fxshear.ShearBackend(ShearConfig.from_options(preset="aggressive"))
+    compiled = torch.compile(EagerAttention(), backend=backend, dynamic=True)
+    with caplog.at_level(logging.WARNING, logger="fxshear"):
+        for batch, seq in ((2, 10), (3, 12)):
+            compiled(torch.randn(batch, seq, 32), torch.zeros(batch, 1, 1, seq)).sum().backward()
+    assert "compiling it unmodified" not in caplog.text
+    assert len(backend.regions) == 1  # the restarted attempt's region is not kept
+    assert backend.regions[0].fallback_reason is None
+    assert any(r.rewritten for r in backend.regions[0].pass_reports)
+
+
 def test_on_error_raise_surfaces_the_failure(monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(Act2BitPass, "run", lambda self, gm, cfg: (_ for _ in ()).throw(RuntimeError("boom")))
     example = build_model("llama", dropout=False)

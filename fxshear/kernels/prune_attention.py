@@ -15,8 +15,9 @@ Ops:
         needed only when ``b`` wants a gradient and vice versa (None otherwise).
     pruned_softmax(x, dim, keep_ratio, impl) -> (softmax(x, dim), values, bits)
         the packs are of the output, which the softmax backward reads in its place.
-    grad_times_pruned_t(grad, values, bits, shape, impl) -> grad @ x̂ᵀ      (backward only)
-    pruned_t_times_grad(grad, values, bits, shape, impl) -> x̂ᵀ @ grad      (backward only)
+    grad_times_pruned_t(grad, values, bits, k, impl) -> grad @ b̂ᵀ, b̂ [..., k, n]  (backward only)
+    pruned_t_times_grad(grad, values, bits, k, impl) -> âᵀ @ grad, â [..., m, k]  (backward only)
+        (sizes as one int each, not a shape list: the CPU lowering traces them as SymInts)
     pruned_softmax_backward(grad, values, bits, dim, impl) -> softmax's dx  (backward only)
 
 On CPU all are lowered to aten math after partitioning (:mod:`.lowering`); on CUDA the pack is
@@ -68,30 +69,42 @@ def _check_shape_pack(values: torch.Tensor, bits: torch.Tensor, shape: list[int]
 # into the forward and save it in place of the pack (it depends on forward values only).
 
 
+def _right_shape(grad: torch.Tensor, k: int) -> list[int]:
+    """The right operand's shape ``[..., k, n]`` from ``grad = dL/d(a @ b)``: ``[..., m, n]``."""
+    return [*grad.shape[:-2], k, grad.shape[-1]]
+
+
+def _left_shape(grad: torch.Tensor, k: int) -> list[int]:
+    """The left operand's shape ``[..., m, k]`` from ``grad = dL/d(a @ b)``: ``[..., m, n]``."""
+    return [*grad.shape[:-2], grad.shape[-2], k]
+
+
 @torch.library.custom_op("fxshear::grad_times_pruned_t", mutates_args=())
-def grad_times_pruned_t(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, shape: list[int],
+def grad_times_pruned_t(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, k: int,
                         impl: str) -> torch.Tensor:
-    """``grad @ x̂ᵀ``, x̂ the pruned ``[..., k, n]`` right operand: the left operand's gradient."""
+    """``grad @ b̂ᵀ``, b̂ the pruned ``[..., k, n]`` right operand: the left operand's gradient."""
+    shape = _right_shape(grad, k)
     _check_shape_pack(values, bits, shape)
     return grad.matmul(_dense(values, bits, shape, impl).transpose(-1, -2))
 
 
 @grad_times_pruned_t.register_fake
-def _grad_times_pruned_t_fake(grad, values, bits, shape, impl):  # noqa: ANN001, ANN202
-    return grad.new_empty((*shape[:-2], grad.shape[-2], shape[-2]))
+def _grad_times_pruned_t_fake(grad, values, bits, k, impl):  # noqa: ANN001, ANN202
+    return grad.new_empty((*grad.shape[:-1], k))
 
 
 @torch.library.custom_op("fxshear::pruned_t_times_grad", mutates_args=())
-def pruned_t_times_grad(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, shape: list[int],
+def pruned_t_times_grad(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, k: int,
                         impl: str) -> torch.Tensor:
-    """``x̂ᵀ @ grad``, x̂ the pruned ``[..., m, k]`` left operand: the right operand's gradient."""
+    """``âᵀ @ grad``, â the pruned ``[..., m, k]`` left operand: the right operand's gradient."""
+    shape = _left_shape(grad, k)
     _check_shape_pack(values, bits, shape)
     return _dense(values, bits, shape, impl).transpose(-1, -2).matmul(grad)
 
 
 @pruned_t_times_grad.register_fake
-def _pruned_t_times_grad_fake(grad, values, bits, shape, impl):  # noqa: ANN001, ANN202
-    return grad.new_empty((*shape[:-2], shape[-1], grad.shape[-1]))
+def _pruned_t_times_grad_fake(grad, values, bits, k, impl):  # noqa: ANN001, ANN202
+    return grad.new_empty((*grad.shape[:-2], k, grad.shape[-1]))
 
 
 @torch.library.custom_op("fxshear::pruned_softmax_backward", mutates_args=())
@@ -109,9 +122,10 @@ def _pruned_softmax_backward_fake(grad, values, bits, dim, impl):  # noqa: ANN00
 
 
 register_cpu_lowering(torch.ops.fxshear.grad_times_pruned_t.default)(
-    lambda grad, values, bits, shape, impl: grad.matmul(_dense(values, bits, shape, "torch").transpose(-1, -2)))
+    lambda grad, values, bits, k, impl: grad.matmul(
+        _dense(values, bits, _right_shape(grad, k), "torch").transpose(-1, -2)))
 register_cpu_lowering(torch.ops.fxshear.pruned_t_times_grad.default)(
-    lambda grad, values, bits, shape, impl: _dense(values, bits, shape, "torch").transpose(-1, -2).matmul(grad))
+    lambda grad, values, bits, k, impl: _dense(values, bits, _left_shape(grad, k), "torch").transpose(-1, -2).matmul(grad))
 register_cpu_lowering(torch.ops.fxshear.pruned_softmax_backward.default)(
     lambda grad, values, bits, dim, impl: torch._softmax_backward_data(
         grad, _dense(values, bits, list(grad.shape), "torch"), dim, grad.dtype))
@@ -160,11 +174,11 @@ def _matmul_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
     if need_a:
         if b_values is None:
             raise RuntimeError("pruned_matmul: a needs a gradient but b's pack was not given")
-        grad_a = torch.ops.fxshear.grad_times_pruned_t(grad, b_values, b_bits, ctx.b_shape, ctx.impl)
+        grad_a = torch.ops.fxshear.grad_times_pruned_t(grad, b_values, b_bits, ctx.b_shape[-2], ctx.impl)
     if need_b:
         if a_values is None:
             raise RuntimeError("pruned_matmul: b needs a gradient but a's pack was not given")
-        grad_b = torch.ops.fxshear.pruned_t_times_grad(grad, a_values, a_bits, ctx.a_shape, ctx.impl)
+        grad_b = torch.ops.fxshear.pruned_t_times_grad(grad, a_values, a_bits, ctx.a_shape[-1], ctx.impl)
     return grad_a, grad_b, None, None, None, None, None
 
 
