@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import torch
 
-from .bits import packed_numel
 from .dispatch import use_triton
 from .lowering import register_cpu_lowering
 from .prune import (
     _check_packed,
+    _prune_pack_fake,
     check_keep_ratio,
-    keep_count,
     prune_pack,
     prune_pack_reference,
     samples_and_size,
@@ -79,13 +78,27 @@ def _left_shape(grad: torch.Tensor, k: int) -> list[int]:
     return [*grad.shape[:-2], grad.shape[-2], k]
 
 
+def _grad_times_pruned_t_math(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, k: int,
+                              impl: str) -> torch.Tensor:
+    return grad.matmul(_dense(values, bits, _right_shape(grad, k), impl).transpose(-1, -2))
+
+
+def _pruned_t_times_grad_math(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, k: int,
+                              impl: str) -> torch.Tensor:
+    return _dense(values, bits, _left_shape(grad, k), impl).transpose(-1, -2).matmul(grad)
+
+
+def _pruned_softmax_backward_math(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, dim: int,
+                                  impl: str) -> torch.Tensor:
+    return torch._softmax_backward_data(grad, _dense(values, bits, list(grad.shape), impl), dim, grad.dtype)
+
+
 @torch.library.custom_op("fxshear::grad_times_pruned_t", mutates_args=())
 def grad_times_pruned_t(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, k: int,
                         impl: str) -> torch.Tensor:
     """``grad @ b̂ᵀ``, b̂ the pruned ``[..., k, n]`` right operand: the left operand's gradient."""
-    shape = _right_shape(grad, k)
-    _check_shape_pack(values, bits, shape)
-    return grad.matmul(_dense(values, bits, shape, impl).transpose(-1, -2))
+    _check_shape_pack(values, bits, _right_shape(grad, k))
+    return _grad_times_pruned_t_math(grad, values, bits, k, impl)
 
 
 @grad_times_pruned_t.register_fake
@@ -97,9 +110,8 @@ def _grad_times_pruned_t_fake(grad, values, bits, k, impl):  # noqa: ANN001, ANN
 def pruned_t_times_grad(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, k: int,
                         impl: str) -> torch.Tensor:
     """``âᵀ @ grad``, â the pruned ``[..., m, k]`` left operand: the right operand's gradient."""
-    shape = _left_shape(grad, k)
-    _check_shape_pack(values, bits, shape)
-    return _dense(values, bits, shape, impl).transpose(-1, -2).matmul(grad)
+    _check_shape_pack(values, bits, _left_shape(grad, k))
+    return _pruned_t_times_grad_math(grad, values, bits, k, impl)
 
 
 @pruned_t_times_grad.register_fake
@@ -111,9 +123,8 @@ def _pruned_t_times_grad_fake(grad, values, bits, k, impl):  # noqa: ANN001, ANN
 def pruned_softmax_backward(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, dim: int,
                             impl: str) -> torch.Tensor:
     """Softmax's input gradient with the pruned output ŷ in place of y: ``ŷ ⊙ (g − Σ g ŷ)``."""
-    shape = list(grad.shape)
-    _check_shape_pack(values, bits, shape)
-    return torch._softmax_backward_data(grad, _dense(values, bits, shape, impl), dim, grad.dtype)
+    _check_shape_pack(values, bits, list(grad.shape))
+    return _pruned_softmax_backward_math(grad, values, bits, dim, impl)
 
 
 @pruned_softmax_backward.register_fake
@@ -121,14 +132,19 @@ def _pruned_softmax_backward_fake(grad, values, bits, dim, impl):  # noqa: ANN00
     return torch.empty_like(grad)
 
 
-register_cpu_lowering(torch.ops.fxshear.grad_times_pruned_t.default)(
-    lambda grad, values, bits, k, impl: grad.matmul(
-        _dense(values, bits, _right_shape(grad, k), "torch").transpose(-1, -2)))
-register_cpu_lowering(torch.ops.fxshear.pruned_t_times_grad.default)(
-    lambda grad, values, bits, k, impl: _dense(values, bits, _left_shape(grad, k), "torch").transpose(-1, -2).matmul(grad))
+def _on_torch_path(math):  # noqa: ANN001, ANN202
+    """A CPU lowering: the op's math with ``impl="torch"`` and no shape checks (they would guard)."""
+
+    def lowered(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, size: int, impl: str) -> torch.Tensor:
+        return math(grad, values, bits, size, "torch")
+
+    return lowered
+
+
+register_cpu_lowering(torch.ops.fxshear.grad_times_pruned_t.default)(_on_torch_path(_grad_times_pruned_t_math))
+register_cpu_lowering(torch.ops.fxshear.pruned_t_times_grad.default)(_on_torch_path(_pruned_t_times_grad_math))
 register_cpu_lowering(torch.ops.fxshear.pruned_softmax_backward.default)(
-    lambda grad, values, bits, dim, impl: torch._softmax_backward_data(
-        grad, _dense(values, bits, list(grad.shape), "torch"), dim, grad.dtype))
+    _on_torch_path(_pruned_softmax_backward_math))
 
 
 def check_batched_operands(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -197,10 +213,7 @@ def pruned_softmax(x: torch.Tensor, dim: int, keep_ratio: float,
 
 @pruned_softmax.register_fake
 def _pruned_softmax_fake(x: torch.Tensor, dim: int, keep_ratio: float, impl: str):  # noqa: ANN202
-    check_keep_ratio(keep_ratio)
-    samples, n = samples_and_size(x)
-    values = x.new_empty((samples, keep_count(n, keep_ratio)))
-    return torch.empty_like(x), values, x.new_empty((samples, packed_numel(n)), dtype=torch.uint8)
+    return (torch.empty_like(x), *_prune_pack_fake(x, keep_ratio, impl))
 
 
 def _softmax_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature

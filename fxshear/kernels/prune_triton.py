@@ -204,7 +204,7 @@ def _unprune_kernel(values_ptr, bits_ptr, offsets_ptr, dense_ptr, n, k, num_byte
 
 
 def unprune_triton(values: torch.Tensor, bits: torch.Tensor, n: int, *, block_bytes: int = 256) -> torch.Tensor:
-    """``fxshear::unprune``: the dense ``[samples, n]`` copy, equal to the torch reference."""
+    """The dense ``[samples, n]`` copy of a pruned pack, equal to ``prune.unprune_reference``."""
     _check_dtype("values", values)
     samples, num_bytes = bits.shape
     dense = values.new_empty((samples, n))
