@@ -21,8 +21,10 @@ Ops:
     pruned_weight_grad(grad, values, bits, in_features, impl) -> gradᵀ · unpruned(x)
 
 ``impl`` as everywhere in fxshear: "auto" (Triton on CUDA when usable), "torch", "triton".  On
-CPU, after partitioning, ``prune_pack`` and ``pruned_weight_grad`` are lowered to the aten math
-below (see :mod:`.lowering`) so Inductor fuses them.
+CPU, "auto" runs the C kernels of :mod:`.prune_native` (fp32/fp16/bf16, when they build), which
+give the reference's results bit for bit in a fraction of its passes; otherwise (``impl="torch"``,
+other dtypes, no compiler) ``prune_pack`` and ``pruned_weight_grad`` are lowered after
+partitioning to the aten math below (see :mod:`.lowering`) so Inductor fuses them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from . import prune_native
 from .bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits
 from .dispatch import use_triton
 from .lowering import register_cpu_lowering
@@ -165,6 +168,9 @@ def prune_pack(x: torch.Tensor, keep_ratio: float, impl: str) -> tuple[torch.Ten
         from .prune_triton import prune_pack_triton
 
         return prune_pack_triton(x, keep_ratio)
+    if prune_native.usable_for(x, impl):
+        samples, n = samples_and_size(x)
+        return prune_native.prune_pack(x.reshape(samples, n), keep_count(n, keep_ratio))
     return prune_pack_reference(x, keep_ratio)
 
 
@@ -201,6 +207,10 @@ def pruned_weight_grad(grad: torch.Tensor, values: torch.Tensor, bits: torch.Ten
         from .prune_triton import pruned_weight_grad_triton
 
         return pruned_weight_grad_triton(grad, values, bits, in_features)
+    if prune_native.usable_for(values, impl):
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        dense = prune_native.unprune(values, bits, grad_rows.shape[0] * in_features // bits.shape[0])
+        return grad_rows.t().matmul(dense.view(-1, in_features))
     return pruned_weight_grad_reference(grad, values, bits, in_features)
 
 
@@ -254,12 +264,27 @@ pruned_linear.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
-@register_cpu_lowering(torch.ops.fxshear.prune_pack.default)
+def runs_torch_math(tensor_position: int, impl_position: int):  # noqa: ANN201 - a `when` predicate
+    """A lowering condition: inline the op only where it would not run the native C kernel.
+
+    The C kernel is faster than anything Inductor makes of the reference math, so a node whose
+    tensor at ``tensor_position`` it takes stays an (opaque) op call.
+    """
+
+    def when(args: tuple, kwargs: dict) -> bool:
+        tensor = args[tensor_position].meta.get("val")
+        impl = args[impl_position] if len(args) > impl_position else kwargs.get("impl", "auto")
+        return tensor is None or not prune_native.usable(tensor.device, tensor.dtype, impl)
+
+    return when
+
+
+@register_cpu_lowering(torch.ops.fxshear.prune_pack.default, when=runs_torch_math(0, 2))
 def _lower_prune_pack(x: torch.Tensor, keep_ratio: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     return prune_pack_reference(x, keep_ratio)
 
 
-@register_cpu_lowering(torch.ops.fxshear.pruned_weight_grad.default)
+@register_cpu_lowering(torch.ops.fxshear.pruned_weight_grad.default, when=runs_torch_math(1, 4))
 def _lower_pruned_weight_grad(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, in_features: int,
                               impl: str) -> torch.Tensor:
     return pruned_weight_grad_reference(grad, values, bits, in_features)

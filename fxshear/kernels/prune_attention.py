@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from . import prune_native
 from .dispatch import use_triton
 from .lowering import register_cpu_lowering
 from .prune import (
@@ -37,6 +38,7 @@ from .prune import (
     check_keep_ratio,
     prune_pack,
     prune_pack_reference,
+    runs_torch_math,
     samples_and_size,
     unprune_reference,
 )
@@ -57,6 +59,8 @@ def _dense(values: torch.Tensor, bits: torch.Tensor, shape: list[int], impl: str
         from .prune_triton import unprune_triton
 
         return unprune_triton(values, bits, n).view(shape)
+    if prune_native.usable_for(values, impl):
+        return prune_native.unprune(values, bits, n).view(shape)
     return unprune_reference(values, bits, n).view(shape)
 
 
@@ -141,9 +145,12 @@ def _on_torch_path(math):  # noqa: ANN001, ANN202
     return lowered
 
 
-register_cpu_lowering(torch.ops.fxshear.grad_times_pruned_t.default)(_on_torch_path(_grad_times_pruned_t_math))
-register_cpu_lowering(torch.ops.fxshear.pruned_t_times_grad.default)(_on_torch_path(_pruned_t_times_grad_math))
-register_cpu_lowering(torch.ops.fxshear.pruned_softmax_backward.default)(
+# Where the native C kernels take the call (fp32/fp16/bf16 with impl="auto"), the op stays opaque.
+register_cpu_lowering(torch.ops.fxshear.grad_times_pruned_t.default, when=runs_torch_math(1, 4))(
+    _on_torch_path(_grad_times_pruned_t_math))
+register_cpu_lowering(torch.ops.fxshear.pruned_t_times_grad.default, when=runs_torch_math(1, 4))(
+    _on_torch_path(_pruned_t_times_grad_math))
+register_cpu_lowering(torch.ops.fxshear.pruned_softmax_backward.default, when=runs_torch_math(1, 4))(
     _on_torch_path(_pruned_softmax_backward_math))
 
 
@@ -232,7 +239,7 @@ def _softmax_backward(ctx, grad_y: torch.Tensor, grad_values, grad_bits):  # noq
 pruned_softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup_context)
 
 
-@register_cpu_lowering(torch.ops.fxshear.pruned_softmax.default)
+@register_cpu_lowering(torch.ops.fxshear.pruned_softmax.default, when=runs_torch_math(0, 3))
 def _lower_pruned_softmax(x: torch.Tensor, dim: int, keep_ratio: float,
                           impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y = torch.softmax(x, dim)

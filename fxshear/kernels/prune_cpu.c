@@ -1,0 +1,165 @@
+/* Native CPU kernels for fxshear's pruned saved activations (see prune.py for the format).
+ *
+ * Why native: on CPU the exact per-sample top-k is a torch.topk (a partial sort) followed by
+ * mask, two running counts, a scatter and the bit packing, six passes over the activation that
+ * cost several times the Linear they serve.  Here one sample is one thread's job and three
+ * passes: (1) magnitude keys + an 11-bit histogram, (2) keep the keys in the k-th largest's
+ * bin, narrowed further on that small set (radix select), (3) write the bits and the values.
+ *
+ * Semantics are those of prune_pack_reference exactly: a magnitude's key is its IEEE bit
+ * pattern without the sign (ordered like the magnitudes), NaN counts as infinity, the kept
+ * entries are those above the k-th largest key plus ties at it in index order, values keep
+ * their bits, padding bits of the last byte are 0.  Built and loaded by native.py with ctypes;
+ * no Python or torch headers, so it compiles in about a second.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FIRST_LEVEL_BITS 11
+#define HIST_BINS (1 << FIRST_LEVEL_BITS)
+
+/* Magnitude keys: the bit pattern without the sign, NaN (any payload) mapped to infinity. */
+#define KEY_F32(u) (((u) & 0x7fffffffu) > 0x7f800000u ? 0x7f800000u : ((u) & 0x7fffffffu))
+#define KEY_F16(u) (((u) & 0x7fffu) > 0x7c00u ? 0x7c00u : ((u) & 0x7fffu))
+#define KEY_BF16(u) (((u) & 0x7fffu) > 0x7f80u ? 0x7f80u : ((u) & 0x7fffu))
+
+/* Narrow ``count`` candidate keys (all in the bin chosen so far) to the k-th largest key.
+ * ``hist`` holds their histogram on bits [shift, shift + width).  Returns the key; *need is
+ * left at how many entries equal to it are kept (the rest of k is strictly above it). */
+static uint32_t narrow(uint32_t *keys, int64_t count, int64_t *hist, int width, int shift, int64_t *need) {
+    uint32_t prefix = 0;
+    for (;;) {
+        uint32_t mask = (1u << width) - 1u;
+        int64_t above = 0;
+        int bin = (int)mask;
+        for (; bin > 0; --bin) {
+            if (above + hist[bin] >= *need) break;
+            above += hist[bin];
+        }
+        *need -= above;
+        prefix |= (uint32_t)bin << shift;
+        int64_t m = 0; /* keep the candidates in the chosen bin, in place */
+        for (int64_t j = 0; j < count; ++j) {
+            uint32_t kj = keys[j];
+            keys[m] = kj;
+            m += ((kj >> shift) & mask) == (uint32_t)bin;
+        }
+        count = m;
+        if (shift == 0) return prefix;
+        width = shift < FIRST_LEVEL_BITS ? shift : FIRST_LEVEL_BITS;
+        shift -= width;
+        mask = (1u << width) - 1u;
+        memset(hist, 0, sizeof(int64_t) << width);
+        for (int64_t j = 0; j < count; ++j) hist[(keys[j] >> shift) & mask]++;
+    }
+}
+
+/* One sample: values [k] and bits [ceil(n/8)] of x [n].  ``scratch`` holds n keys and
+ * ``staging`` k + 1 values (the pack writes every entry's value and advances on kept ones). */
+#define DEFINE_PACK_SAMPLE(NAME, T, KEY, KEY_BITS)                                                   \
+static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uint32_t *scratch,     \
+                 T *staging) {                                                                       \
+    const int64_t row_bytes = (n + 7) / 8;                                                           \
+    if (k >= n) { /* everything kept */                                                              \
+        memcpy(values, x, sizeof(T) * (size_t)n);                                                    \
+        memset(bits, 0xff, (size_t)(n / 8));                                                         \
+        if (n % 8) bits[n / 8] = (uint8_t)((1u << (n % 8)) - 1u);                                    \
+        return;                                                                                      \
+    }                                                                                                \
+    int64_t hist[HIST_BINS];                                                                         \
+    const int width = KEY_BITS < FIRST_LEVEL_BITS ? KEY_BITS : FIRST_LEVEL_BITS;                     \
+    const int shift = KEY_BITS - width;                                                              \
+    memset(hist, 0, sizeof(hist));                                                                   \
+    for (int64_t j = 0; j < n; ++j) {                                                                \
+        uint32_t kj = KEY(x[j]);                                                                     \
+        scratch[j] = kj;                                                                             \
+        hist[kj >> shift]++;                                                                         \
+    }                                                                                                \
+    int64_t ties = k;                                                                                \
+    const uint32_t threshold = narrow(scratch, n, hist, width, shift, &ties);                       \
+    int64_t kept = 0;                                                                                \
+    for (int64_t byte = 0; byte < row_bytes; ++byte) {                                               \
+        const int64_t start = byte * 8, stop = start + 8 < n ? start + 8 : n;                        \
+        uint32_t b = 0;                                                                              \
+        for (int64_t j = start; j < stop; ++j) {                                                     \
+            const uint32_t kj = KEY(x[j]);                                                           \
+            uint32_t keep = kj > threshold;                                                          \
+            if (kj == threshold && ties > 0) { keep = 1; --ties; }                                   \
+            staging[kept] = x[j];                                                                    \
+            kept += keep;                                                                            \
+            b |= keep << (j - start);                                                                \
+        }                                                                                            \
+        bits[byte] = (uint8_t)b;                                                                     \
+    }                                                                                                \
+    memcpy(values, staging, sizeof(T) * (size_t)k);                                                  \
+}
+
+DEFINE_PACK_SAMPLE(pack_sample_f32, uint32_t, KEY_F32, 31)
+DEFINE_PACK_SAMPLE(pack_sample_f16, uint16_t, KEY_F16, 15)
+DEFINE_PACK_SAMPLE(pack_sample_bf16, uint16_t, KEY_BF16, 15)
+
+/* values [samples, k] and bits uint8[samples, ceil(n/8)] of x [samples, n], one sample per
+ * thread.  dtype_code: 0 fp32, 1 fp16, 2 bf16.  Returns 0, -1 when out of memory, -2 for an
+ * unknown dtype. */
+int fxshear_prune_pack(const void *x, int64_t samples, int64_t n, int64_t k, int dtype_code, void *values,
+                       uint8_t *bits, int threads) {
+    if (dtype_code < 0 || dtype_code > 2) return -2;
+    const size_t elem = dtype_code == 0 ? 4 : 2;
+    const int64_t row_bytes = (n + 7) / 8;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (samples > 1 && threads > 1)
+    {
+        uint32_t *scratch = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(n > 0 ? n : 1));
+        void *staging = malloc(elem * (size_t)(k + 1));
+        if (scratch == NULL || staging == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t s = 0; s < samples; ++s) {
+            if (scratch == NULL || staging == NULL) continue;
+            const size_t x_at = (size_t)(s * n), v_at = (size_t)(s * k);
+            uint8_t *bs = bits + s * row_bytes;
+            if (dtype_code == 0)
+                pack_sample_f32((const uint32_t *)x + x_at, n, k, (uint32_t *)values + v_at, bs, scratch,
+                                (uint32_t *)staging);
+            else if (dtype_code == 1)
+                pack_sample_f16((const uint16_t *)x + x_at, n, k, (uint16_t *)values + v_at, bs, scratch,
+                                (uint16_t *)staging);
+            else
+                pack_sample_bf16((const uint16_t *)x + x_at, n, k, (uint16_t *)values + v_at, bs, scratch,
+                                 (uint16_t *)staging);
+        }
+        free(scratch);
+        free(staging);
+    }
+    return failed ? -1 : 0;
+}
+
+/* dense [samples, n]: the kept values in place, zeros (all bits 0) elsewhere. */
+int fxshear_unprune(const void *values, const uint8_t *bits, int64_t samples, int64_t n, int64_t k,
+                    int elem_size, void *dense, int threads) {
+    const int64_t row_bytes = (n + 7) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static) if (samples > 1 && threads > 1)
+    for (int64_t s = 0; s < samples; ++s) {
+        const char *vs = (const char *)values + (size_t)(s * k) * elem_size;
+        const uint8_t *bs = bits + s * row_bytes;
+        char *ds = (char *)dense + (size_t)(s * n) * elem_size;
+        int64_t taken = 0;
+        memset(ds, 0, (size_t)n * elem_size);
+        for (int64_t byte = 0; byte < row_bytes; ++byte) {
+            uint8_t b = bs[byte];
+            while (b) {
+                int bit = __builtin_ctz(b);
+                int64_t j = byte * 8 + bit;
+                b &= (uint8_t)(b - 1);
+                if (j < n && taken < k) {
+                    memcpy(ds + j * elem_size, vs + taken * elem_size, (size_t)elem_size);
+                    ++taken;
+                }
+            }
+        }
+    }
+    return 0;
+}
