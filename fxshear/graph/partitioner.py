@@ -55,9 +55,9 @@ current_recorder: contextvars.ContextVar[Callable[[Partition], None] | None] = c
 
 @functools.cache
 def fxshear_source_files() -> tuple[str, ...]:
-    """Every .py file of the package: any change to a pass, op or formula changes the cache key."""
+    """Every .py and .c file of the package: any change to a pass, op, kernel or formula changes the cache key."""
     root = pathlib.Path(__file__).resolve().parent.parent
-    return tuple(sorted(str(p) for p in root.rglob("*.py")))
+    return tuple(sorted(str(p) for pattern in ("*.py", "*.c") for p in root.rglob(pattern)))
 
 
 def _bytes(node: object) -> int:

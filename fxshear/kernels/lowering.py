@@ -146,4 +146,8 @@ class LowerOpsOnCpu(CustomGraphPass):
     def uuid(self) -> bytes:
         from ..graph.partitioner import fxshear_source_files
 
-        return get_hash_for_files(fxshear_source_files(), extra=f"torch={torch.__version__}")
+        from .native import enabled
+
+        # Whether the native C kernels may run decides which prune ops are lowered (same results).
+        return get_hash_for_files(fxshear_source_files(),
+                                  extra=f"torch={torch.__version__} native={enabled()}")

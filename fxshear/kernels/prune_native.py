@@ -65,6 +65,8 @@ def unprune(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tensor:
     samples, k = values.shape
     dense = values.new_empty((samples, n))
     if samples and n:
-        _library().fxshear_unprune(values.data_ptr(), bits.data_ptr(), samples, n, k, values.element_size(),
-                                   dense.data_ptr(), torch.get_num_threads())
+        status = _library().fxshear_unprune(values.data_ptr(), bits.data_ptr(), samples, n, k,
+                                            values.element_size(), dense.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"fxshear native unprune failed (status {status}) for {values.dtype}")
     return dense
