@@ -386,6 +386,9 @@ def test_default_chunk_size() -> None:
     assert default_chunk_size(128256, logits_fp32=False, dtype=torch.bfloat16) == 256
     assert default_chunk_size(32000) == 512
     assert default_chunk_size(10**9) == 1
+    assert default_chunk_size(32000, device="cpu") == 128  # 16 MiB on CPU
+    assert default_chunk_size(32000, device=torch.device("cuda")) == 512
+    assert default_chunk_size(32000, budget_bytes=8 * 2**20, device="cpu") == 64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

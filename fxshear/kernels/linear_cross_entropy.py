@@ -69,6 +69,11 @@ REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Default chunk: rows whose logits chunk buffer is at most this many bytes.
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+# On CPU smaller chunks are faster (the [chunk, V] buffer and the GEMMs that read it stay closer
+# to the caches): a whole LLaMA-style step (2048 tokens, 32k vocabulary, fused AdamW, 2-core Xeon)
+# took 1.053 s at 64 MiB (512 rows), 1.025 s at 32 MiB and 1.027 s at 16 MiB (128 rows), medians
+# of 8 interleaved steps; 16 MiB also keeps the transient buffer small.
+CPU_CHUNK_BYTES = 16 * 2**20
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
@@ -449,12 +454,17 @@ linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
 def default_chunk_size(vocab: int, logits_fp32: bool = True, dtype: torch.dtype = torch.bfloat16,
-                       budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+                       budget_bytes: int | None = None, device: torch.device | str | None = None) -> int:
     """Rows per chunk so that one chunk's logits buffer stays within ``budget_bytes``.
 
-    Depends only on the vocabulary (never on the token count, which may be dynamic under
-    torch.compile); a multiple of 16 rows once there are at least 16, for tensor-core GEMMs.
+    ``budget_bytes`` defaults to :data:`CPU_CHUNK_BYTES` for a CPU ``device`` and to
+    :data:`DEFAULT_CHUNK_BYTES` otherwise.  Depends only on the vocabulary (never on the token
+    count, which may be dynamic under torch.compile); a multiple of 16 rows once there are at
+    least 16, for tensor-core GEMMs.
     """
+    if budget_bytes is None:
+        on_cpu = device is not None and torch.device(device).type == "cpu"
+        budget_bytes = CPU_CHUNK_BYTES if on_cpu else DEFAULT_CHUNK_BYTES
     element = _math_dtype(dtype).itemsize if logits_fp32 else dtype.itemsize
     rows = max(1, budget_bytes // (int(vocab) * element))
     return rows - rows % 16 if rows >= 16 else rows
@@ -486,7 +496,7 @@ def fused_linear_cross_entropy(
     if target_1d.dtype not in (torch.int64, torch.int32):
         target_1d = target_1d.long()
     if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0], logits_fp32, hidden.dtype)
+        chunk_size = default_chunk_size(weight.shape[0], logits_fp32, hidden.dtype, device=hidden.device)
     grad_on = torch.is_grad_enabled()
     loss, _, _, _ = linear_cross_entropy(
         hidden_2d, weight, bias, target_1d, ignore_index, float(label_smoothing), reduction, chunk_size,

@@ -64,7 +64,8 @@ class FusedLossPass:
             class_weight = argument(node, 2, "weight")
             hidden_value, weight_value = tensor_value(hidden), tensor_value(weight)
             # Rows per chunk depend on the vocabulary only (the token count may be dynamic).
-            chunk = default_chunk_size(weight_value.shape[0], logits_fp32, hidden_value.dtype)
+            chunk = default_chunk_size(weight_value.shape[0], logits_fp32, hidden_value.dtype,
+                                       device=hidden_value.device)
             if extra_users:
                 # The returned logits stay a differentiable output; usually nobody backpropagates
                 # through them and AOTAutograd feeds their backward zeros.  returned_linear skips
