@@ -146,12 +146,14 @@ def unprune_reference(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch
 
 
 def pruned_weight_grad_reference(grad: torch.Tensor, values: torch.Tensor, bits: torch.Tensor,
-                                 in_features: int) -> torch.Tensor:
-    """``gradᵀ · x̂`` with x̂ the unpruned input, rows flattened: ``[out_features, in_features]``."""
+                                 in_features: int, unprune=unprune_reference) -> torch.Tensor:  # noqa: ANN001
+    """``gradᵀ · x̂`` with x̂ the unpruned input, rows flattened: ``[out_features, in_features]``.
+
+    ``unprune(values, bits, n)`` reads the pack back dense (the native kernel on CPU)."""
     out_features = grad.shape[-1]
     grad_rows = grad.reshape(-1, out_features)
     n = grad_rows.shape[0] * in_features // bits.shape[0]
-    dense = unprune_reference(values, bits, n).reshape(-1, in_features)
+    dense = unprune(values, bits, n).reshape(-1, in_features)
     return grad_rows.t().matmul(dense)
 
 
@@ -208,9 +210,7 @@ def pruned_weight_grad(grad: torch.Tensor, values: torch.Tensor, bits: torch.Ten
 
         return pruned_weight_grad_triton(grad, values, bits, in_features)
     if prune_native.usable_for(values, impl):
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        dense = prune_native.unprune(values, bits, grad_rows.shape[0] * in_features // bits.shape[0])
-        return grad_rows.t().matmul(dense.view(-1, in_features))
+        return pruned_weight_grad_reference(grad, values, bits, in_features, prune_native.unprune)
     return pruned_weight_grad_reference(grad, values, bits, in_features)
 
 
