@@ -166,3 +166,21 @@ def test_build_is_cached_by_source_and_compiler(monkeypatch: pytest.MonkeyPatch,
         assert built[0].stat().st_mtime_ns == stamp
     finally:
         native.load.cache_clear()
+
+
+@pytest.mark.parametrize("period", [7, 11, 13, 16, 17, 19, 23, 32])
+def test_a_misleading_sample_falls_back_to_the_full_histogram(period: int) -> None:
+    """Large samples first guess the threshold from ~4096 evenly spaced entries; entries that are
+    large exactly at a fixed period can fool that guess, and the pack must still be exact."""
+    x = torch.randn(3, 65536, generator=torch.Generator().manual_seed(period)) * 1e-3
+    x[:, ::period] = 50.0 + torch.rand(3, len(range(0, 65536, period)))
+    x[1, 1::period] = -60.0  # a second comb in another sample
+    for keep_ratio in (0.01, 0.1, 0.3):
+        assert_same_pack(x, keep_ratio)
+
+
+def test_large_samples_with_heavy_ties_are_exact() -> None:
+    x = torch.randint(-3, 4, (4, 50000), generator=torch.Generator().manual_seed(3)).float()
+    x[2] = 1.0
+    for keep_ratio in (0.05, 0.1, 0.5):
+        assert_same_pack(x, keep_ratio)

@@ -61,11 +61,26 @@ static uint32_t narrow(uint32_t *keys, int64_t count, int hi, uint32_t prefix, i
     return prefix;
 }
 
+/* A stride near n / SAMPLED_KEYS that is odd and not a multiple of 3, so that the sampled
+ * positions do not keep hitting the same columns of power-of-two (or 3 * 2^j) wide rows. */
+#define SAMPLED_KEYS 4096
+#define SAMPLE_FROM 32768
+static int64_t sample_stride(int64_t n) {
+    int64_t stride = n / SAMPLED_KEYS;
+    while (stride % 2 == 0 || stride % 3 == 0) --stride;
+    return stride < 1 ? 1 : stride;
+}
+
 /* One sample: values [k] and bits [ceil(n/8)] of x [n].  ``scratch`` has room for n keys and
  * ``staging`` for k + 1 values (the pack writes every entry's value and advances on kept ones).
- * Pass 1 histograms the top key bits (four interleaved histograms, so runs of equal bins do
- * not serialize on one counter), pass 2 collects the keys of the chosen bin (few), pass 3
- * writes bits and values. */
+ *
+ * Finding the k-th largest key: a histogram of ~4096 evenly spaced keys predicts which top-level
+ * bins (11 key bits) hold it, with a margin of several standard deviations of the sample rank;
+ * one pass counts the keys above that bracket and collects those inside it (a few percent), and
+ * the bracket is narrowed to the exact key.  The pass checks that the k-th key did fall inside;
+ * when it did not (an unlucky or adversarial sample) a full histogram of all keys picks the bin
+ * instead, so the result is exact either way.  Small samples take the full histogram directly.
+ * Then one pass writes bits and values. */
 #define DEFINE_PACK_SAMPLE(NAME, T, KEY, KEY_BITS)                                                   \
 static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uint32_t *scratch,     \
                  T *staging) {                                                                       \
@@ -76,28 +91,57 @@ static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uin
         if (n % 8) bits[n / 8] = (uint8_t)((1u << (n % 8)) - 1u);                                    \
         return;                                                                                      \
     }                                                                                                \
-    uint32_t hist[4][HIST_BINS];                                                                     \
     const int width = KEY_BITS < FIRST_LEVEL_BITS ? KEY_BITS : FIRST_LEVEL_BITS;                     \
     const int shift = KEY_BITS - width;                                                              \
-    memset(hist, 0, sizeof(hist));                                                                   \
-    int64_t j = 0;                                                                                   \
-    for (; j + 4 <= n; j += 4) {                                                                     \
-        hist[0][(KEY(x[j])) >> shift]++;                                                             \
-        hist[1][(KEY(x[j + 1])) >> shift]++;                                                         \
-        hist[2][(KEY(x[j + 2])) >> shift]++;                                                         \
-        hist[3][(KEY(x[j + 3])) >> shift]++;                                                         \
+    int64_t ties = -1, j;                                                                            \
+    uint32_t threshold = 0;                                                                          \
+    if (n >= SAMPLE_FROM) {                                                                          \
+        uint32_t sampled[HIST_BINS];                                                                 \
+        memset(sampled, 0, sizeof(sampled));                                                         \
+        const int64_t stride = sample_stride(n);                                                     \
+        int64_t m = 0;                                                                               \
+        for (j = 0; j < n; j += stride, ++m) sampled[(KEY(x[j])) >> shift]++;                        \
+        const int64_t rank = (k * m + n - 1) / n;                                                    \
+        int64_t margin = 16;                                                                         \
+        while (margin * margin < 36 * rank) margin += 16; /* >= 6 sqrt(rank) */                      \
+        int64_t need_hi = rank > margin ? rank - margin : 1;                                         \
+        int64_t need_lo = rank + margin < m ? rank + margin : m;                                     \
+        const uint32_t hi_bin = (uint32_t)pick_bin(sampled, 1 << width, &need_hi);                   \
+        const uint32_t lo_bin = (uint32_t)pick_bin(sampled, 1 << width, &need_lo);                   \
+        int64_t above = 0, count = 0;                                                                \
+        for (j = 0; j < n; ++j) {                                                                    \
+            const uint32_t kj = KEY(x[j]);                                                           \
+            const uint32_t bin = kj >> shift;                                                        \
+            scratch[count] = kj;                                                                     \
+            count += (bin >= lo_bin) & (bin <= hi_bin);                                              \
+            above += bin > hi_bin;                                                                   \
+        }                                                                                            \
+        if (above < k && above + count >= k) {                                                       \
+            ties = k - above;                                                                        \
+            threshold = narrow(scratch, count, KEY_BITS, 0, &ties);                                  \
+        }                                                                                            \
     }                                                                                                \
-    for (; j < n; ++j) hist[0][(KEY(x[j])) >> shift]++;                                              \
-    for (int b = 0; b < (1 << width); ++b) hist[0][b] += hist[1][b] + hist[2][b] + hist[3][b];       \
-    int64_t ties = k;                                                                                \
-    const uint32_t bin = (uint32_t)pick_bin(hist[0], 1 << width, &ties);                            \
-    int64_t count = 0;                                                                               \
-    for (j = 0; j < n; ++j) {                                                                        \
-        const uint32_t kj = KEY(x[j]);                                                               \
-        scratch[count] = kj;                                                                         \
-        count += (kj >> shift) == bin;                                                               \
+    if (ties < 0) { /* full histogram: four interleaved counters so runs of one bin overlap */       \
+        uint32_t hist[4][HIST_BINS];                                                                 \
+        memset(hist, 0, sizeof(hist));                                                               \
+        for (j = 0; j + 4 <= n; j += 4) {                                                            \
+            hist[0][(KEY(x[j])) >> shift]++;                                                         \
+            hist[1][(KEY(x[j + 1])) >> shift]++;                                                     \
+            hist[2][(KEY(x[j + 2])) >> shift]++;                                                     \
+            hist[3][(KEY(x[j + 3])) >> shift]++;                                                     \
+        }                                                                                            \
+        for (; j < n; ++j) hist[0][(KEY(x[j])) >> shift]++;                                          \
+        for (int b = 0; b < (1 << width); ++b) hist[0][b] += hist[1][b] + hist[2][b] + hist[3][b];   \
+        ties = k;                                                                                    \
+        const uint32_t bin = (uint32_t)pick_bin(hist[0], 1 << width, &ties);                        \
+        int64_t count = 0;                                                                           \
+        for (j = 0; j < n; ++j) {                                                                    \
+            const uint32_t kj = KEY(x[j]);                                                           \
+            scratch[count] = kj;                                                                     \
+            count += (kj >> shift) == bin;                                                           \
+        }                                                                                            \
+        threshold = narrow(scratch, count, shift, bin << shift, &ties);                             \
     }                                                                                                \
-    const uint32_t threshold = narrow(scratch, count, shift, bin << shift, &ties);                  \
     int64_t kept = 0;                                                                                \
     for (int64_t byte = 0; byte < row_bytes; ++byte) {                                               \
         const int64_t start = byte * 8, stop = start + 8 < n ? start + 8 : n;                        \
