@@ -2,9 +2,10 @@
  *
  * Why native: on CPU the exact per-sample top-k is a torch.topk (a partial sort) followed by
  * mask, two running counts, a scatter and the bit packing, six passes over the activation that
- * cost several times the Linear they serve.  Here one sample is one thread's job and three
- * passes: (1) magnitude keys + an 11-bit histogram, (2) keep the keys in the k-th largest's
- * bin, narrowed further on that small set (radix select), (3) write the bits and the values.
+ * cost several times the Linear they serve.  Here one sample is one thread's job: a radix
+ * select of the k-th largest magnitude key (a histogram of a sample of the keys, or of all of
+ * them, picks top-level bins; one pass collects the keys in those bins, which are narrowed to
+ * the exact key), then one pass writes the bits and the values.
  *
  * Semantics are those of prune_pack_reference exactly: a magnitude's key is its IEEE bit
  * pattern without the sign (ordered like the magnitudes), NaN counts as infinity, the kept
@@ -78,9 +79,9 @@ static int64_t sample_stride(int64_t n) {
  * bins (11 key bits) hold it, with a margin of several standard deviations of the sample rank;
  * one pass counts the keys above that bracket and collects those inside it (a few percent), and
  * the bracket is narrowed to the exact key.  The pass checks that the k-th key did fall inside;
- * when it did not (an unlucky or adversarial sample) a full histogram of all keys picks the bin
- * instead, so the result is exact either way.  Small samples take the full histogram directly.
- * Then one pass writes bits and values. */
+ * when it did not (an unlucky or adversarial sample) a histogram of all keys picks the one bin
+ * instead and the same pass runs again, so the result is exact either way.  Small samples take
+ * the full histogram directly.  Then one pass writes bits and values. */
 #define DEFINE_PACK_SAMPLE(NAME, T, KEY, KEY_BITS)                                                   \
 static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uint32_t *scratch,     \
                  T *staging) {                                                                       \
@@ -93,22 +94,36 @@ static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uin
     }                                                                                                \
     const int width = KEY_BITS < FIRST_LEVEL_BITS ? KEY_BITS : FIRST_LEVEL_BITS;                     \
     const int shift = KEY_BITS - width;                                                              \
-    int64_t ties = -1, j;                                                                            \
-    uint32_t threshold = 0;                                                                          \
-    if (n >= SAMPLE_FROM) {                                                                          \
-        uint32_t sampled[HIST_BINS];                                                                 \
-        memset(sampled, 0, sizeof(sampled));                                                         \
-        const int64_t stride = sample_stride(n);                                                     \
-        int64_t m = 0;                                                                               \
-        for (j = 0; j < n; j += stride, ++m) sampled[(KEY(x[j])) >> shift]++;                        \
-        const int64_t rank = (k * m + n - 1) / n;                                                    \
-        int64_t margin = 16;                                                                         \
-        while (margin * margin < 36 * rank) margin += 16; /* >= 6 sqrt(rank) */                      \
-        int64_t need_hi = rank > margin ? rank - margin : 1;                                         \
-        int64_t need_lo = rank + margin < m ? rank + margin : m;                                     \
-        const uint32_t hi_bin = (uint32_t)pick_bin(sampled, 1 << width, &need_hi);                   \
-        const uint32_t lo_bin = (uint32_t)pick_bin(sampled, 1 << width, &need_lo);                   \
-        int64_t above = 0, count = 0;                                                                \
+    uint32_t hist[4][HIST_BINS];                                                                     \
+    int64_t ties, j;                                                                                 \
+    uint32_t threshold;                                                                              \
+    for (int full = n < SAMPLE_FROM;; full = 1) {                                                    \
+        uint32_t lo_bin, hi_bin;                                                                     \
+        memset(hist, 0, full ? sizeof(hist) : sizeof(hist[0]));                                      \
+        if (full) { /* every key; four interleaved counters so runs of one bin overlap */            \
+            for (j = 0; j + 4 <= n; j += 4) {                                                        \
+                hist[0][(KEY(x[j])) >> shift]++;                                                     \
+                hist[1][(KEY(x[j + 1])) >> shift]++;                                                 \
+                hist[2][(KEY(x[j + 2])) >> shift]++;                                                 \
+                hist[3][(KEY(x[j + 3])) >> shift]++;                                                 \
+            }                                                                                        \
+            for (; j < n; ++j) hist[0][(KEY(x[j])) >> shift]++;                                      \
+            for (int b = 0; b < (1 << width); ++b) hist[0][b] += hist[1][b] + hist[2][b] + hist[3][b];\
+            int64_t need = k;                                                                        \
+            lo_bin = hi_bin = (uint32_t)pick_bin(hist[0], 1 << width, &need);                        \
+        } else { /* evenly spaced keys, a bracket of >= 6 standard deviations of the rank */         \
+            const int64_t stride = sample_stride(n);                                                 \
+            int64_t m = 0;                                                                           \
+            for (j = 0; j < n; j += stride, ++m) hist[0][(KEY(x[j])) >> shift]++;                    \
+            const int64_t rank = (k * m + n - 1) / n;                                                \
+            int64_t margin = 16;                                                                     \
+            while (margin * margin < 36 * rank) margin += 16;                                        \
+            int64_t need_hi = rank > margin ? rank - margin : 1;                                     \
+            int64_t need_lo = rank + margin < m ? rank + margin : m;                                 \
+            hi_bin = (uint32_t)pick_bin(hist[0], 1 << width, &need_hi);                              \
+            lo_bin = (uint32_t)pick_bin(hist[0], 1 << width, &need_lo);                              \
+        }                                                                                            \
+        int64_t above = 0, count = 0; /* keys above the bracket; keys inside it, collected */        \
         for (j = 0; j < n; ++j) {                                                                    \
             const uint32_t kj = KEY(x[j]);                                                           \
             const uint32_t bin = kj >> shift;                                                        \
@@ -116,31 +131,11 @@ static void NAME(const T *x, int64_t n, int64_t k, T *values, uint8_t *bits, uin
             count += (bin >= lo_bin) & (bin <= hi_bin);                                              \
             above += bin > hi_bin;                                                                   \
         }                                                                                            \
-        if (above < k && above + count >= k) {                                                       \
+        if (above < k && above + count >= k) { /* always true after the full histogram */            \
             ties = k - above;                                                                        \
             threshold = narrow(scratch, count, KEY_BITS, 0, &ties);                                  \
+            break;                                                                                   \
         }                                                                                            \
-    }                                                                                                \
-    if (ties < 0) { /* full histogram: four interleaved counters so runs of one bin overlap */       \
-        uint32_t hist[4][HIST_BINS];                                                                 \
-        memset(hist, 0, sizeof(hist));                                                               \
-        for (j = 0; j + 4 <= n; j += 4) {                                                            \
-            hist[0][(KEY(x[j])) >> shift]++;                                                         \
-            hist[1][(KEY(x[j + 1])) >> shift]++;                                                     \
-            hist[2][(KEY(x[j + 2])) >> shift]++;                                                     \
-            hist[3][(KEY(x[j + 3])) >> shift]++;                                                     \
-        }                                                                                            \
-        for (; j < n; ++j) hist[0][(KEY(x[j])) >> shift]++;                                          \
-        for (int b = 0; b < (1 << width); ++b) hist[0][b] += hist[1][b] + hist[2][b] + hist[3][b];   \
-        ties = k;                                                                                    \
-        const uint32_t bin = (uint32_t)pick_bin(hist[0], 1 << width, &ties);                        \
-        int64_t count = 0;                                                                           \
-        for (j = 0; j < n; ++j) {                                                                    \
-            const uint32_t kj = KEY(x[j]);                                                           \
-            scratch[count] = kj;                                                                     \
-            count += (kj >> shift) == bin;                                                           \
-        }                                                                                            \
-        threshold = narrow(scratch, count, shift, bin << shift, &ties);                             \
     }                                                                                                \
     int64_t kept = 0;                                                                                \
     for (int64_t byte = 0; byte < row_bytes; ++byte) {                                               \

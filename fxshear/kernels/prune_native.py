@@ -2,7 +2,7 @@
 
 Why: the reference (topk, mask, two running counts, scatter, bit packing) costs several passes
 over the activation and made a pruned MiniLM step ~1.25x slower than torch.compile on CPU; the
-C kernel does one sample per thread in three passes.  Used for ``impl="auto"`` on CPU tensors of
+C kernel does one sample per thread in two passes over it (three when its sampled guess misses).  Used for ``impl="auto"`` on CPU tensors of
 fp32, fp16 and bf16 when the kernel builds (:mod:`.native`); ``impl="torch"`` keeps the
 reference, which the tests compare it against bit for bit.
 """
@@ -53,8 +53,8 @@ def prune_pack(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         status = _library().fxshear_prune_pack(rows.data_ptr(), samples, n, k, _DTYPE_CODES[rows.dtype],
                                                values.data_ptr(), bits.data_ptr(), torch.get_num_threads())
         if status != 0:
-            raise RuntimeError(f"fxshear native prune_pack failed (status {status}: out of memory for "
-                               f"{n} keys per thread)" if status == -1 else f"status {status}")
+            reason = f"out of memory for {n} keys per thread" if status == -1 else f"unsupported {rows.dtype}"
+            raise RuntimeError(f"fxshear native prune_pack failed (status {status}: {reason})")
     return values, bits
 
 
