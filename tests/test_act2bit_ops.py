@@ -87,6 +87,17 @@ def test_non_contiguous_input() -> None:
     assert torch.equal(codes, encode_reference(x, "gelu"))
 
 
+def test_codes_are_packed_in_planes() -> None:
+    """Element i sits in bits 2 * (i // B) of byte i % B (B bytes): the layout Inductor vectorizes."""
+    codes = torch.tensor([1, 2, 3, 0, 1, 2, 3, 3, 2, 1], dtype=torch.uint8)  # 10 codes -> 3 bytes
+    packed = pack_codes(codes)
+    expected = [
+        sum(int(codes[i]) << (2 * (i // 3)) for i in range(10) if i % 3 == byte) for byte in range(3)
+    ]
+    assert packed.tolist() == expected
+    assert unpack_codes(packed, 12)[10:].tolist() == [0, 0]  # pad codes
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     shape=st.lists(st.integers(0, 17), min_size=1, max_size=3).map(tuple),

@@ -67,23 +67,34 @@ def codes_reference(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Pack uint8 codes in {0..3} four to a byte, element ``4i + j`` in bits ``2j..2j+1``.
+    """Pack uint8 codes in {0..3} four to a byte in planes: with ``B = packed_numel(numel)``,
+    element ``i`` sits in bits ``2 * (i // B)`` of byte ``i % B``.
 
-    The pad lanes of the last byte are zero.
+    Why planes rather than four consecutive elements per byte: every byte then combines
+    elements ``B`` apart, so packing and unpacking are plain element-wise math over four
+    contiguous runs, which Inductor's C++ backend vectorizes (the consecutive layout needs a
+    stride-4 gather that it compiles to a scalar loop, ~5x slower forward and ~10x slower
+    backward).  On a GPU the four runs load just as coalesced.  The pad codes (the last
+    ``4 * B - numel`` elements, in the top plane) are zero.
     """
-    flat = codes.reshape(-1)
+    planes = code_planes(codes.reshape(-1))
+    return planes[0] | (planes[1] << 2) | (planes[2] << 4) | (planes[3] << 6)
+
+
+def code_planes(flat: torch.Tensor) -> torch.Tensor:
+    """A flat tensor zero-padded to a multiple of 4 and viewed as the ``[4, B]`` planes of the
+    code layout (row ``j`` holds the elements whose codes sit in bits ``2j`` of each byte)."""
     pad = (-flat.numel()) % CODES_PER_BYTE
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    lanes = flat.view(-1, CODES_PER_BYTE)
-    return lanes[:, 0] | (lanes[:, 1] << 2) | (lanes[:, 2] << 4) | (lanes[:, 3] << 6)
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(CODES_PER_BYTE, -1)
 
 
 def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: the first ``numel`` codes as uint8."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
-    lanes = (packed.reshape(-1, 1) >> shifts) & 3
-    return lanes.reshape(-1)[:numel]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(-1, 1)
+    planes = (packed.reshape(1, -1) >> shifts) & 3
+    return planes.reshape(-1)[:numel]
 
 
 def encode_reference(x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -5,9 +5,10 @@ the codes cost no extra pass over ``x``.  The backward reads ``grad`` and the pa
 and never touches ``x``.  Both must agree with :mod:`fxshear.kernels.act2bit_reference` bit
 for bit on the codes and the backward; that is what the tests check.
 
-Every program owns ``BLOCK_BYTES`` packed bytes, i.e. a ``[BLOCK_BYTES, 4]`` tile of
-consecutive elements: element ``4 * byte + lane`` sits in bits ``2 * lane`` of ``byte``.
-Loading the tile as one contiguous run keeps global memory access coalesced on a GPU.
+Every program owns ``BLOCK_BYTES`` packed bytes, i.e. a ``[4, BLOCK_BYTES]`` tile of elements
+in the planar layout of :func:`~fxshear.kernels.act2bit_reference.pack_codes`: with
+``B = num_bytes``, element ``plane * B + byte`` sits in bits ``2 * plane`` of ``byte``.  Each
+plane of the tile is one contiguous run, so global memory access stays coalesced on a GPU.
 """
 
 from __future__ import annotations
@@ -73,15 +74,15 @@ def _act2bit_forward_kernel(
     APPROX_TANH: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
 ):
-    """y = activation(x) in x's dtype, and packed[b] = sum_j code(x[4b + j]) << 2j.
+    """y = activation(x) in x's dtype, and packed[b] = sum_j code(x[j * num_bytes + b]) << 2j.
 
     ``c1..c3`` are already rounded to fp32 on the host, so ``x > c`` is the same fp32
     comparison that ``x.float() > c`` is in torch.
     """
     byte_idx = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    lane = tl.arange(0, 4)
-    elem_idx = byte_idx[:, None] * 4 + lane[None, :]
-    in_bounds = elem_idx < numel
+    plane = tl.arange(0, 4)
+    elem_idx = plane[:, None].to(tl.int64) * num_bytes + byte_idx[None, :]
+    in_bounds = (elem_idx < numel) & (byte_idx[None, :] < num_bytes)
 
     x = tl.load(x_ptr + elem_idx, mask=in_bounds, other=0.0).to(tl.float32)
 
@@ -98,9 +99,9 @@ def _act2bit_forward_kernel(
     tl.store(y_ptr + elem_idx, _cast_fp32_to(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
     code = (x > c1).to(tl.int32) + (x > c2).to(tl.int32) + (x > c3).to(tl.int32)
-    code = tl.where(in_bounds, code, 0)  # pad lanes of the last byte stay zero
-    # The lanes occupy disjoint bits, so their sum is their bitwise OR.
-    packed = tl.sum(code << (2 * lane[None, :]), axis=1)
+    code = tl.where(in_bounds, code, 0)  # pad codes (top plane of the last bytes) stay zero
+    # The planes occupy disjoint bits, so their sum is their bitwise OR.
+    packed = tl.sum(code << (2 * plane[:, None]), axis=0)
     tl.store(packed_ptr + byte_idx, packed.to(tl.uint8), mask=byte_idx < num_bytes)
 
 
@@ -122,12 +123,12 @@ def _act2bit_backward_kernel(
     gradients come out exactly as in the reference.
     """
     byte_idx = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    lane = tl.arange(0, 4)
-    elem_idx = byte_idx[:, None] * 4 + lane[None, :]
-    in_bounds = elem_idx < numel
+    plane = tl.arange(0, 4)
+    elem_idx = plane[:, None].to(tl.int64) * num_bytes + byte_idx[None, :]
+    in_bounds = (elem_idx < numel) & (byte_idx[None, :] < num_bytes)
 
     packed = tl.load(packed_ptr + byte_idx, mask=byte_idx < num_bytes, other=0).to(tl.int32)
-    code = (packed[:, None] >> (2 * lane[None, :])) & 3
+    code = (packed[None, :] >> (2 * plane[:, None])) & 3
     level = tl.where(code == 3, level3, 0.0)
     level = tl.where(code == 2, level2, level)
     level = tl.where(code == 1, level1, level)
