@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxshear.kernels import rng_native
 from fxshear.kernels.dropout_bits import (
     dropout,
     dropout_bits,
@@ -237,6 +238,10 @@ def test_only_the_application_and_fast_draws_are_lowered() -> None:
     accepts = _CONDITIONS[torch.ops.fxshear.dropout_draw.default]
     assert not accepts((None, 0.1, "auto"), {}) and not accepts((None, 0.1, "auto", "eager"), {})
     assert accepts((None, 0.1, "auto", "fast"), {})
+    # ... unless the C Philox kernel draws it (faster than Inductor's rand): then it stays opaque.
+    node = torch.fx.Graph().placeholder("x")
+    node.meta["val"] = torch.empty(3)
+    assert accepts((node, 0.1, "auto", "fast"), {}) == (not rng_native.usable("cpu"))
     assert torch.Tag.nondeterministic_seeded in torch.ops.fxshear.dropout_draw.default.tags
     assert torch.Tag.nondeterministic_seeded not in torch.ops.fxshear.dropout_apply.default.tags
 
@@ -290,26 +295,37 @@ def test_fast_draw_keeps_one_minus_p(p: float) -> None:
     assert torch.equal(y != 0, keep.view(x.shape))
 
 
-def test_fast_draw_compiles_to_fused_random_numbers() -> None:
-    """rng="fast" under Inductor: no opaque draw left, and forward and backward share the mask."""
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "no-compiler"])
+def test_fast_draw_under_inductor(native_on: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rng="fast" under Inductor: the draw stays one opaque call to the C Philox kernel, or (native
+    kernels off) becomes Inductor's fused random numbers; forward and backward share the mask."""
     from torch._inductor.utils import run_and_get_code
 
     import fxshear
+    from fxshear.kernels import native
 
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(16, 16)
-    x, w = torch.randn(4, 8, 16), torch.randn(4, 8, 16)
-    compiled = torch.compile(lambda t: F.dropout(lin(t), 0.3, training=True),
-                             backend=fxshear.backend(preset="exact", dropout_rng="fast"))
+    if not native_on:
+        monkeypatch.setenv("FXSHEAR_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(16, 16)
+        x, w = torch.randn(4, 8, 16), torch.randn(4, 8, 16)
+        compiled = torch.compile(lambda t: F.dropout(lin(t), 0.3, training=True),
+                                 backend=fxshear.backend(preset="exact", dropout_rng="fast"))
 
-    def step():  # noqa: ANN202
-        y = compiled(x)
-        (y * w).sum().backward()
-        return y
+        def step():  # noqa: ANN202
+            y = compiled(x)
+            (y * w).sum().backward()
+            return y
 
-    y, codes = run_and_get_code(step)
-    assert not any("fxshear.dropout_draw" in code for code in codes)
-    assert "inductor_random" in codes[0]
+        y, codes = run_and_get_code(step)
+    finally:
+        monkeypatch.delenv("FXSHEAR_NATIVE", raising=False)
+        native.load.cache_clear()
+        torch._dynamo.reset()
+    assert any("fxshear.dropout_draw" in code for code in codes) == native_on
+    assert ("inductor_random" in codes[0]) != native_on
     scale = y / lin(x).detach()  # 0 or 1 / (1 - p): the mask the forward used
     torch.testing.assert_close(lin.weight.grad, (w * scale).reshape(-1, 16).t() @ x.reshape(-1, 16))
 

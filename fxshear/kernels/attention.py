@@ -56,7 +56,7 @@ import torch
 from .bits import BITS_PER_BYTE, pack_bits, packed_numel  # noqa: F401  (re-exported)
 from .bits import unpack_bits as unpack_flat
 from .dispatch import use_triton
-from .dropout_bits import apply_math, check_rng, draw_mask, fast_mask
+from .dropout_bits import apply_math, check_rng, draw_mask, fast_draw, fast_mask, lowers_fast_draw
 from .lowering import register_cpu_lowering
 
 TRITON_MAX_HEAD_DIM = 128
@@ -263,7 +263,7 @@ def attention_dropout_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, i
         raise ValueError(f"dropout_p must be in (0, 1] to draw a mask, got {dropout_p}")
     check_rng(rng)
     if rng == "fast":
-        return fast_mask(q, dropout_p, scores_shape(q, k))
+        return fast_draw(q, dropout_p, scores_shape(q, k))
     noise = torch.empty(scores_shape(q, k), dtype=q.dtype, device=q.device)
     return draw_mask(noise, dropout_p, impl)
 
@@ -274,9 +274,7 @@ def _attention_dropout_draw_fake(q: torch.Tensor, k: torch.Tensor, dropout_p: fl
     return q.new_empty((packed_bits_numel(_scores_numel(q, k)),), dtype=torch.uint8)
 
 
-@register_cpu_lowering(torch.ops.fxshear.attention_dropout_draw.default,
-                       when=lambda args, kwargs: kwargs.get("rng", args[4] if len(args) > 4 else "eager") == "fast",
-                       uses_rng=True)
+@register_cpu_lowering(torch.ops.fxshear.attention_dropout_draw.default, when=lowers_fast_draw(4), uses_rng=True)
 def _lower_fast_attention_draw(q: torch.Tensor, k: torch.Tensor, dropout_p: float, impl: str,
                                rng: str = "eager", after: torch.Tensor | None = None) -> torch.Tensor:
     return fast_mask(q, dropout_p, scores_shape(q, k))
