@@ -512,8 +512,8 @@ NOTES = [
     "first loss: loss of the first step after torch.manual_seed(0); with dropout on, eager and "
     "Inductor draw dropout masks differently, so only compiled exact rows are expected to match.",
     "aggressive rows: pruning (Back Razor) at the keep ratio named, 2-bit GELU/SiLU codes and "
-    "the exact rewrites; their dropout masks come from the compiler's RNG (dropout_rng='fast'), "
-    "like torch.compile's, so their first loss differs from the exact rows'. '+attention' also "
+    "the exact rewrites; their dropout masks come from the fast RNG (dropout_rng='fast': on CPU "
+    "fxshear's C Philox kernel), so their first loss differs from the exact rows'. '+attention' also "
     "prunes what eager attention saves (q, kᵀ, v, the probabilities) at the same keep ratio, "
     "with attention_recompute off.",
     "peak RSS of the step: each row again in its own fresh process (warm Inductor cache), one "
