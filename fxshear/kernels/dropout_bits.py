@@ -44,9 +44,9 @@ import struct
 
 import torch
 
+from . import rng_native
 from .bits import BITS_PER_BYTE, pack_bits, pack_bits_now, packed_numel, unpack_bits  # noqa: F401  (re-exported)
 from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
-from . import rng_native
 from .lowering import register_cpu_lowering
 
 def _check_p(p: float) -> None:
