@@ -53,12 +53,11 @@ def fused_backward(grad: torch.Tensor, packed: torch.Tensor, kind: str) -> torch
     vectorization), and the shift runs on int32 lanes, which SIMD has (uint8 lanes it has not).
     """
     _, a1, a12, a123 = _LEVELS[kind]
-    numel = grad.numel()
     shifts = (torch.arange(4, dtype=torch.int32, device=packed.device) * 2).unsqueeze(1)
     codes = (packed.to(torch.int32).unsqueeze(0) >> shifts) & 3
     slope = torch.where(codes == 3, a123, torch.where(codes == 2, a12, torch.where(codes == 1, a1, 0.0)))
-    dx = (code_planes(grad.reshape(-1)).float() * slope).to(grad.dtype).reshape(-1)
-    return (dx[:numel] if dx.numel() != numel else dx).view(grad.shape)
+    dx = (code_planes(grad.reshape(-1)).float() * slope).to(grad.dtype)
+    return dx.reshape(-1)[: grad.numel()].view(grad.shape)
 
 
 @register_cpu_lowering(torch.ops.fxshear.act2bit.default)

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..log import log
@@ -106,3 +107,14 @@ def load(name: str) -> ctypes.CDLL | None:
     log.warning("could not build native CPU kernels %s, using the torch reference (slower): %s",
                 name, " | ".join(errors))
     return None
+
+
+def bind(name: str, signatures: Mapping[str, tuple[list[type], type]]) -> ctypes.CDLL | None:
+    """:func:`load`, with each function's ctypes ``(argtypes, restype)`` set once; None as load."""
+    library = load(name)
+    if library is not None and not getattr(library, "_fxshear_typed", False):
+        for function, (argtypes, restype) in signatures.items():
+            getattr(library, function).argtypes = argtypes
+            getattr(library, function).restype = restype
+        library._fxshear_typed = True
+    return library

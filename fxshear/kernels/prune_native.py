@@ -21,16 +21,12 @@ _LIBRARY = "prune_cpu"
 
 
 def _library() -> ctypes.CDLL | None:
-    library = native.load(_LIBRARY)
-    if library is not None and not getattr(library, "_fxshear_typed", False):
-        library.fxshear_prune_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        library.fxshear_prune_pack.restype = ctypes.c_int
-        library.fxshear_unprune.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        library.fxshear_unprune.restype = ctypes.c_int
-        library._fxshear_typed = True
-    return library
+    return native.bind(_LIBRARY, {
+        "fxshear_prune_pack": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+        "fxshear_unprune": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int, ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+    })
 
 
 def usable(device: torch.device | str, dtype: torch.dtype, impl: str) -> bool:

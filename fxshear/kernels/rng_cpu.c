@@ -13,7 +13,6 @@
  * any thread split gives the same bits.
  */
 #include <stdint.h>
-#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -64,6 +63,8 @@ int fxshear_bernoulli_bits(uint8_t *out, int64_t numel, uint64_t seed, uint64_t 
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+#else
+    (void)threads;
 #endif
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         uint32_t counters[2 * CHUNK], words[8 * CHUNK];
@@ -82,6 +83,5 @@ int fxshear_bernoulli_bits(uint8_t *out, int64_t numel, uint64_t seed, uint64_t 
     }
     const int pad = (int)(bytes * 8 - numel);
     if (pad) out[bytes - 1] &= (uint8_t)(0xFFu >> pad);
-    (void)threads;
     return 0;
 }

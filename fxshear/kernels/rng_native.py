@@ -27,13 +27,8 @@ PHILOX_ROUNDS = 10
 
 
 def _library() -> ctypes.CDLL | None:
-    library = native.load(_LIBRARY)
-    if library is not None and not getattr(library, "_fxshear_typed", False):
-        library.fxshear_bernoulli_bits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
-                                                   ctypes.c_uint64, ctypes.c_int]
-        library.fxshear_bernoulli_bits.restype = ctypes.c_int
-        library._fxshear_typed = True
-    return library
+    return native.bind(_LIBRARY, {"fxshear_bernoulli_bits": (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int], ctypes.c_int)})
 
 
 def usable(device: torch.device | str) -> bool:
