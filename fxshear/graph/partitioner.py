@@ -144,8 +144,15 @@ class ShearPartitioner(CustomPartitionerFn):
             forward, _ = min_cut_rematerialization_partition(copy_joint(gm), joint_inputs, **kwargs)
         return saved_sizes(forward, int(kwargs["num_fwd_outputs"]))
 
-    def _budget(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any]) -> float | None:
+    def _budget(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any],
+                keeps_some: bool) -> float | None:
         """The largest fraction at which this graph saves no more than the reference.
+
+        Budget 0.0 on a graph with pinned or random ops becomes :data:`MIN_FRACTION`: PyTorch's
+        partitioner reads exactly 0.0 as "save the forward inputs" and returns before it looks at
+        any MUST_SAVE mark or recompute ban, so every random draw would be recomputed in the
+        backward with fresh randomness (a wrong gradient).  The smallest positive fraction runs its
+        knapsack instead, which still recomputes everything it may, and keeps what must be kept.
 
         The saved bytes are a step function of the fraction (the partitioner first tries a few
         fixed recompute heuristics and returns the first one under the limit, and only then runs
@@ -154,6 +161,8 @@ class ShearPartitioner(CustomPartitionerFn):
         finds the least recompute that still meets the reference.
         """
         budget = self.cfg.memory_budget
+        if budget == 0.0 and keeps_some:
+            return MIN_FRACTION
         if budget is None or not 0.0 < budget < 1.0 or self.reference is None:
             return budget
         target = self.reference.activations
@@ -190,8 +199,8 @@ class ShearPartitioner(CustomPartitionerFn):
                 log.info("fxshear: freezing input %d skips no matmul: %s", index, reason)
         # The partitioner consumes the joint graph; render it first.
         joint_text = readable_graph(gm) if recorder is not None else ""
-        pin_ops(gm)
-        self.effective_budget = self._budget(gm, joint_inputs, kwargs)
+        pinned = pin_ops(gm)
+        self.effective_budget = self._budget(gm, joint_inputs, kwargs, pinned > 0 or draws_randomness(gm))
         with activation_memory_budget(self.effective_budget):
             forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         if recorder is not None:
@@ -228,6 +237,16 @@ def _never_recomputed(target: object) -> bool:
         return False
     return (torch.Tag.nondeterministic_seeded in target.tags
             or target in (torch.ops.fxshear.linear_cross_entropy.default, torch.ops.fxshear.prune_pack.default))
+
+
+def draws_randomness(gm: torch.fx.GraphModule) -> bool:
+    """Whether any op of the graph draws from a generator (``nondeterministic_seeded``).
+
+    PyTorch's partitioner bans recomputing these (Inductor's own dropout, ``rand_like``) at every
+    budget but exactly 0.0, where it recomputes the whole forward; see :meth:`ShearPartitioner._budget`.
+    """
+    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and torch.Tag.nondeterministic_seeded in node.target.tags for node in gm.graph.nodes)
 
 
 def pin_ops(gm: torch.fx.GraphModule) -> int:

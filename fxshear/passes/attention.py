@@ -46,6 +46,7 @@ class AttentionMatch:
     chain: list[torch.fx.Node]  # scores ... output matmul, in graph order
     boolean_mask: bool = False  # SDPA's True-means-attend mask, made additive by the pass
     causal: bool = False  # SDPA's is_causal: the pass builds its (top-left aligned) additive mask
+    kv_groups: int = 1  # SDPA's enable_gqa: query heads per k/v head, repeated by the pass
 
     @property
     def output(self) -> torch.fx.Node:
@@ -158,6 +159,9 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
     the CPU flash kernel runs (it keeps only the log-sum-exp), and on CUDA fused kernels do:
     there the call is left alone.  ``is_causal`` becomes an explicit additive mask (query ``i``
     attends keys ``j <= i``, SDPA's top-left alignment) when both lengths are static.
+    ``enable_gqa`` (Hugging Face passes it for grouped-query attention without a padding mask)
+    becomes k and v repeated per query head, as SDPA's math path does before it draws its mask:
+    left to Inductor, the draw would come from Inductor's random stream rather than eager's.
     """
     if not is_function(node, *_SDPA):
         return None
@@ -166,14 +170,19 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
     dropout_p = argument(node, 4, "dropout_p", 0.0)
     is_causal = argument(node, 5, "is_causal", False)
     scale = node.kwargs.get("scale")
-    if node.kwargs.get("enable_gqa", False):
-        return "SDPA with enable_gqa (grouped k/v heads) is not rewritten"
-    if not isinstance(dropout_p, (int, float)) or not isinstance(is_causal, bool):
+    enable_gqa = node.kwargs.get("enable_gqa", False)
+    if not isinstance(dropout_p, (int, float)) or not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
         return "SDPA arguments are not constants"
     value = tensor_value(q)
     if value is None or value.dim() != 4:
         return "SDPA inputs are not 4-D [batch, heads, seq, dim] tensors"
     key_value = tensor_value(k)
+    kv_groups = 1
+    if enable_gqa:
+        kv_heads = key_value.shape[-3] if key_value is not None and key_value.dim() == 4 else None
+        if not isinstance(value.shape[-3], int) or not isinstance(kv_heads, int) or value.shape[-3] % kv_heads:
+            return "SDPA with enable_gqa needs static head counts, query heads a multiple of k/v heads"
+        kv_groups = value.shape[-3] // kv_heads
     if is_causal and (mask is not None or key_value is None
                       or not isinstance(value.shape[-2], int) or not isinstance(key_value.shape[-2], int)):
         return "causal SDPA with an attn_mask or symbolic sequence lengths is not rewritten"
@@ -194,7 +203,7 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
     elif not isinstance(scale, (int, float)):
         return "the SDPA scale is not a constant number"
     return AttentionMatch(q=q, k=k, v=v, mask=mask, scale=float(scale), dropout_p=float(dropout_p), chain=[node],
-                          boolean_mask=boolean_mask, causal=is_causal)
+                          boolean_mask=boolean_mask, causal=is_causal, kv_groups=kv_groups)
 
 
 class AttentionPass:
@@ -224,6 +233,10 @@ class AttentionPass:
                 continue
             out = found.output
             with graph.inserting_before(out):
+                if found.kv_groups > 1:  # SDPA's enable_gqa: each k/v head serves kv_groups query heads
+                    found.k, found.v = (call(graph, torch.repeat_interleave, (node, found.kv_groups),
+                                             kwargs={"dim": -3}, like=out, pass_name=self.name)
+                                        for node in (found.k, found.v))
                 mask = found.mask
                 if found.boolean_mask:
                     # True = attend.  finfo.min rather than -inf: the same probabilities wherever a
