@@ -200,9 +200,20 @@ class ShearPartitioner(CustomPartitionerFn):
         # The partitioner consumes the joint graph; render it first.
         joint_text = readable_graph(gm) if recorder is not None else ""
         pinned = pin_ops(gm)
-        self.effective_budget = self._budget(gm, joint_inputs, kwargs, pinned > 0 or draws_randomness(gm))
+        random = draws_randomness(gm)
+        self.effective_budget = self._budget(gm, joint_inputs, kwargs, pinned > 0 or random)
+        spare = copy_joint(gm) if random else None
         with activation_memory_budget(self.effective_budget):
             forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        redrawn = redrawn_in_backward(backward)
+        if redrawn and spare is not None:
+            # Torch's knapsack may trade a banned random op back into recompute (only fxshear's
+            # own draws are MUST_SAVE); a redraw is a different mask, so pin those and cut again.
+            log.warning("fxshear: the partition redrew %s in the backward; partitioning again with them saved",
+                        ", ".join(redrawn))
+            pin_named(spare, redrawn)
+            with activation_memory_budget(self.effective_budget):
+                forward, backward = min_cut_rematerialization_partition(spare, joint_inputs, **kwargs)
         if recorder is not None:
             recorder(
                 Partition(
@@ -245,8 +256,31 @@ def draws_randomness(gm: torch.fx.GraphModule) -> bool:
     PyTorch's partitioner bans recomputing these (Inductor's own dropout, ``rand_like``) at every
     budget but exactly 0.0, where it recomputes the whole forward; see :meth:`ShearPartitioner._budget`.
     """
-    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-               and torch.Tag.nondeterministic_seeded in node.target.tags for node in gm.graph.nodes)
+    return any(_draws(node) for node in gm.graph.nodes)
+
+
+def _draws(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded in node.target.tags)
+
+
+def redrawn_in_backward(backward: torch.fx.GraphModule) -> list[str]:
+    """Names of the random ops a backward graph runs: each would draw anew, not replay the forward.
+
+    A backward built from the joint never needs a draw of its own, so any is a recomputed one.
+    FX keeps a joint node's name in the graph it is copied into, so the names find it again.
+    """
+    return [node.name for node in backward.graph.nodes if _draws(node)]
+
+
+def pin_named(gm: torch.fx.GraphModule, names: Sequence[str]) -> None:
+    """Mark the named nodes of a joint graph MUST_SAVE."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    wanted = set(names)
+    for node in gm.graph.nodes:
+        if node.name in wanted:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
 def pin_ops(gm: torch.fx.GraphModule) -> int:
