@@ -126,6 +126,10 @@ CONFIGS: list[BenchConfig] = [
     BenchConfig("fxshear exact", _with_fxshear("exact"), uses_fxshear=True),
     BenchConfig("fxshear exact budget=0.5", _with_fxshear("exact", memory_budget=0.5), uses_fxshear=True),
     BenchConfig("fxshear exact budget=0.1", _with_fxshear("exact", memory_budget=0.1), uses_fxshear=True),
+    # Budget 0.0: torch's partitioner recomputes everything it may (and, alone, redraws dropout;
+    # pytorch#190758); fxshear keeps its masks there (issue 22).
+    BenchConfig("torch.compile budget=0.0", _inductor, functorch_budget=0.0),
+    BenchConfig("fxshear exact budget=0.0", _with_fxshear("exact", memory_budget=0.0), uses_fxshear=True),
     # The same with dropout masks from the compiler's fused RNG instead of eager's (serial on CPU).
     BenchConfig("fxshear exact fast-rng", _with_fxshear("exact", dropout_rng="fast"), uses_fxshear=True),
     BenchConfig("fxshear exact fast-rng budget=0.5", _with_fxshear("exact", dropout_rng="fast", memory_budget=0.5),
@@ -147,11 +151,15 @@ CONFIGS: list[BenchConfig] = [
 _BASELINES = ("eager", BASELINE, "torch.compile budget=0.5", "torch.compile budget=0.1")
 SUITES: dict[str, tuple[str, ...]] = {
     # The exact rewrites (and balanced) against Inductor with and without its memory budget.
-    "exact": (*_BASELINES, *[c.name for c in CONFIGS if c.name.startswith(("fxshear exact", "fxshear balanced"))]),
+    "exact": (*_BASELINES, *[c.name for c in CONFIGS if c.name.startswith(("fxshear exact", "fxshear balanced"))
+                             and not c.name.endswith("budget=0.0")]),
     # Pruning at keep ratios 0.5 / 0.2 / 0.1 / 0.05 and under budgets, with exact for context.
     "pruning": (*_BASELINES, "fxshear exact", *[c.name for c in CONFIGS if c.name.startswith("fxshear aggressive")]),
+    # The extreme budget: what saving only the draws costs against Inductor recomputing all.
+    "budget0": ("eager", BASELINE, "torch.compile budget=0.1", "torch.compile budget=0.0", "fxshear exact",
+                "fxshear exact budget=0.1", "fxshear exact budget=0.0"),
 }
-SUITE_OUT = {"exact": DEFAULT_OUT, "pruning": DEFAULT_OUT / "pruning"}
+SUITE_OUT = {"exact": DEFAULT_OUT, "pruning": DEFAULT_OUT / "pruning", "budget0": DEFAULT_OUT / "budget0"}
 
 
 @dataclass(frozen=True)
@@ -516,6 +524,11 @@ NOTES = [
     "fxshear's C Philox kernel), so their first loss differs from the exact rows'. '+attention' also "
     "prunes what eager attention saves (q, kᵀ, v, the probabilities) at the same keep ratio, "
     "with attention_recompute off.",
+    "torch.compile budget rows with dropout on: PyTorch's own partitioner may recompute a random "
+    "draw in the backward, with new random numbers (pytorch#190758): at exactly 0.0 every draw, "
+    "below 1.0 whatever its knapsack trades back (MiniLM batch 16 x 128 at 0.1: Inductor's seeds; "
+    "gradients 1.03 relative off its own budget-1.0 run at the same seed, torch 2.13 CPU). Their "
+    "bytes and times are those of wrong gradients; fxshear rows keep every draw at every budget.",
     "peak RSS of the step: each row again in its own fresh process (warm Inductor cache), one "
     "warm-up step, then the kernel's peak-RSS mark (VmHWM) is reset and 3 steps run; the "
     "column is that peak (model, batch and step; compile-time memory excluded) and, in the JSON, "

@@ -190,7 +190,7 @@ def test_a_partition_that_redraws_is_cut_again_with_the_draws_saved(examples, mo
         return forward, backward
 
     monkeypatch.setattr(partitioner, "min_cut_rematerialization_partition", first_cut_at_zero)
-    with caplog.at_level("WARNING", logger="fxshear"):
+    with caplog.at_level("INFO", logger="fxshear"):
         loss, got = compiled_step(example, batch, backend_at("none", 1.0))
     assert len(cuts) >= 2 and cuts[0] and not cuts[-1], cuts
     assert "redrew" in caplog.text
