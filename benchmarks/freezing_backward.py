@@ -30,7 +30,7 @@ import torch._dynamo
 
 import fxshear
 from fxshear.models import build_model
-from fxshear.sched.arms import find_arms
+from fxshear.freezing.arms import find_arms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from saved_memory import machine_info  # noqa: E402

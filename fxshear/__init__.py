@@ -6,13 +6,17 @@
     step = fxshear.train_step(model, optimizer, freeze="bandit")(step)  # per-step freezing
 """
 
-from .api import ledger, regions_of
+from .ops import register_ops
+
+register_ops()  # every custom op exists before any other part of fxshear is imported
+
+from .api import ledger, regions_of  # noqa: E402
 from .backend import ShearBackend, backend
 from .config import PRESETS, ConfigError, ShearConfig
 from .graph.ledger import Ledger, ModelLedger, SavedTensor
 from .integrations import register_accelerate_backend
 from .measure import SavedBytes, measure_saved_bytes
-from .sched.state import frozen
+from .freezing.state import frozen
 from .train_step import StepMetrics, TrainStep, train_step
 
 __version__ = "0.1.0"

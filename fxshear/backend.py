@@ -26,7 +26,7 @@ from .passes.draw_order import order_draws
 from .passes.base import PassReport
 from .graph.partitioner import SavedSizes
 from .region import Region, compile_and_record, copy_graph_module, unrewritten_sizes
-from .variants import FreezeDispatcher
+from .freezing.dispatcher import FreezeDispatcher
 
 _backend_ids = itertools.count()
 #: Every backend ever created, so ``fxshear.ledger(model)`` can find a model's regions.

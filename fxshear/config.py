@@ -14,15 +14,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .kernels.act2bit_reference import KINDS as ACT2BIT_KINDS
+from .options import (  # noqa: F401  (re-exported: fxshear.config.PRESETS and friends)
+    ACT_FROM_OUTPUT_CHOICES,
+    ACTIVATION_KINDS as ACT2BIT_KINDS,
+    DROPOUT_RNG_CHOICES,
+    KERNEL_CHOICES,
+    ON_ERROR_CHOICES,
+    PRESETS,
+    PRUNE_OP_CHOICES,
+)
 
-PRESETS = ("none", "exact", "balanced", "aggressive")
 DEFAULT_PRESET = "exact"  # most fine-tuning users will not accept approximate gradients
-KERNEL_CHOICES = ("auto", "torch", "triton")
-ON_ERROR_CHOICES = ("fallback", "raise")
-ACT_FROM_OUTPUT_CHOICES = ("off", "exact_dtypes", "all")
-DROPOUT_RNG_CHOICES = ("eager", "fast")
-PRUNE_OP_CHOICES = ("linear", "attention", "softmax")
 DEFAULT_PRUNE_OPS = ("linear",)
 # Attention's saved tensors exist only where attention is not rebuilt in the backward.
 ATTENTION_PRUNE_OPS = ("attention", "softmax")

@@ -16,7 +16,7 @@ Why a decorator and not a compiled function: ``torch.compile`` breaks a graph at
 and at ``optimizer.step()`` anyway (DESIGN §2); the work that matters is in the model's forward
 and backward.  So the decorator compiles the *model* in place with the fxshear backend, and
 around the user's function it samples the freeze mask, makes the compiled regions honour it
-(:mod:`fxshear.sched.state`, no recompiles), reads the active weights' gradient norms as
+(:mod:`fxshear.freezing.state`, no recompiles), reads the active weights' gradient norms as
 backward produces them (post-accumulate-grad hooks) and feeds them to the policy.
 """
 
@@ -36,9 +36,9 @@ from torch import nn
 from .backend import ShearBackend
 from .config import ConfigError, ShearConfig
 from .log import log
-from .sched import BanditPolicy, BanditSettings, FixedPolicy, FreezePolicy, RandomPolicy, RoundRobinPolicy
-from .sched.arms import Arm, block_groups, find_arms, unique_parameters
-from .sched.state import set_frozen
+from .freezing.policies import BanditPolicy, BanditSettings, FixedPolicy, FreezePolicy, RandomPolicy, RoundRobinPolicy
+from .freezing.arms import Arm, block_groups, find_arms, unique_parameters
+from .freezing.state import set_frozen
 
 FREEZE_CHOICES = (None, "bandit", "random", "round_robin", "fixed")
 
@@ -296,7 +296,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     :func:`fxshear.backend`; ``compile=False`` keeps it eager and freezes with ``requires_grad``).
     ``freeze``: ``"bandit"`` (Sheared Backprop; ``sparsity``, ``period``, ``alpha``, ``p_min``),
     ``"random"``, ``"round_robin"`` over blocks, ``"fixed"`` (``active`` = name patterns of the
-    weights that train), a :class:`fxshear.sched.FreezePolicy`, or ``None`` (plain fine-tuning).
+    weights that train), a :class:`fxshear.freezing.FreezePolicy`, or ``None`` (plain fine-tuning).
     ``arms``: module-name patterns of the Linears that may be frozen (default: every Linear in a
     numbered block).  ``stale_after`` (default ``10 * period``): warn when an arm goes this many
     steps without a gradient.  ``on_metrics`` is called with each step's :class:`StepMetrics`.

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import fxshear
 from fxshear.config import ConfigError, ShearConfig
-from fxshear.kernels import gated_mm as gated_mm_module
-from fxshear.kernels.gated_mm import gated_mm
+from fxshear.freezing import gated_mm as gated_mm_module
+from fxshear.freezing.gated_mm import gated_mm
 from fxshear.models import build_model
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -49,7 +49,7 @@ def test_gated_mm_opcheck(dtype: torch.dtype) -> None:
 
 def test_gated_dropout_input_weight_grad_opcheck_and_values() -> None:
     from fxshear.kernels.dropout_bits import dropout_draw
-    from fxshear.kernels.gated_mm import gated_dropout_input_weight_grad
+    from fxshear.freezing.gated_mm import gated_dropout_input_weight_grad
     from fxshear.kernels.shared_linear import dropout_input_weight_grad
 
     z, grad = torch.randn(3, 4, 6), torch.randn(3, 4, 5)

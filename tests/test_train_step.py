@@ -11,7 +11,7 @@ import torch
 import fxshear
 from fxshear.config import ConfigError
 from fxshear.models import build_model
-from fxshear.sched.arms import find_arms
+from fxshear.freezing.arms import find_arms
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,6 @@ def _linear(x_shape: Sequence[int], out_features: int) -> int:
 @functools.cache
 def register_flop_formulas() -> None:
     """Register once (the flop registry refuses duplicates)."""
-    from ..kernels import attention, prune, returned_linear, shared_linear  # noqa: F401  (the ops)
-
     ops = torch.ops.fxshear
 
     @register_flop_formula(ops.shared_linear)

@@ -9,8 +9,6 @@ nor backward formulas are in Inductor's cache key.
 from __future__ import annotations
 
 import contextvars
-import functools
-import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +19,8 @@ import torch.fx
 from ..compat import CustomPartitionerFn, activation_memory_budget, get_hash_for_files, min_cut_rematerialization_partition
 from ..config import ShearConfig
 from ..log import log
-from .freeze import drop_gradients, gate_gradients
+from ..sources import fxshear_source_files
+from ..freezing.joint import drop_gradients, gate_gradients
 
 
 @dataclass
@@ -52,12 +51,6 @@ current_recorder: contextvars.ContextVar[Callable[[Partition], None] | None] = c
     "fxshear_partition_recorder", default=None
 )
 
-
-@functools.cache
-def fxshear_source_files() -> tuple[str, ...]:
-    """Every .py and .c file of the package: any change to a pass, op, kernel or formula changes the cache key."""
-    root = pathlib.Path(__file__).resolve().parent.parent
-    return tuple(sorted(str(p) for pattern in ("*.py", "*.c") for p in root.rglob(pattern)))
 
 
 def _bytes(node: object) -> int:

@@ -6,7 +6,7 @@ import html
 from typing import TYPE_CHECKING
 
 from ..graph.ledger import ModelLedger
-from .report import format_mib, left_alone
+from .text import format_mib, left_alone
 
 if TYPE_CHECKING:
     from .report import InspectionReport  # noqa: F401

@@ -22,6 +22,7 @@ from ..graph.ledger import ModelLedger
 from ..passes import PASSES
 from ..passes.base import PassReport
 from ..region import Region
+from .text import format_mib, left_alone  # noqa: F401  (re-exported)
 
 GRAPH_KINDS = ("forward", "backward", "joint")
 
@@ -136,18 +137,6 @@ class InspectionReport:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(render_html(self), encoding="utf-8")
         return str(target)
-
-
-def left_alone(report: PassReport) -> str:
-    """Skip reasons with their counts, then notes about patterns not matched at all."""
-    reasons: dict[str, int] = {}
-    for skip in report.skipped:
-        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-    return "; ".join([f"{n}x {r}" for r, n in reasons.items()] + list(report.notes))
-
-
-def format_mib(n: int, digits: int = 2) -> str:
-    return f"{n / 2**20:,.{digits}f} MiB"
 
 
 def graph_diff(before: str, after: str, label_before: str, label_after: str) -> str:

@@ -7,7 +7,6 @@ from . import (  # noqa: F401
     act_from_output,
     attention,
     dropout_bits,
-    gated_mm,
     linear_cross_entropy,
     norms,
     prune,

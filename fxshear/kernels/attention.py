@@ -58,9 +58,8 @@ from .bits import unpack_bits as unpack_flat
 from .dispatch import use_triton
 from .dropout_bits import apply_math, check_rng, draw_mask, fast_draw, fast_mask, lowers_fast_draw
 from .lowering import register_cpu_lowering
+from .attention_reference import TRITON_DTYPES, TRITON_MAX_HEAD_DIM, dropout_scale  # noqa: F401  (re-exported)
 
-TRITON_MAX_HEAD_DIM = 128
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +126,6 @@ def _scores_numel(q: torch.Tensor, k: torch.Tensor) -> int:
     for size in q.shape[:-1]:
         numel = numel * size
     return numel
-
-
-def dropout_scale(dropout_p: float) -> float:
-    """``1 / (1 - p)`` as ``native_dropout`` uses it (0 for p == 1)."""
-    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
 def _check_bits(q: torch.Tensor, k: torch.Tensor, bits: torch.Tensor | None, dropout_p: float) -> None:

@@ -32,12 +32,8 @@ import triton
 import triton.language as tl
 
 from fxshear.kernels.act2bit_triton import _cast_fp32_to
-from fxshear.kernels.attention import (
-    TRITON_DTYPES,
-    TRITON_MAX_HEAD_DIM,
-    dropout_scale,
-    packed_bits_numel,
-)
+from fxshear.kernels.attention_reference import TRITON_DTYPES, TRITON_MAX_HEAD_DIM, dropout_scale
+from fxshear.kernels.bits import packed_numel as packed_bits_numel
 
 NUM_WARPS = 4
 

@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-IMPLS = ("auto", "torch", "triton")
+from ..options import KERNEL_CHOICES as IMPLS
 
 
 @functools.cache

@@ -44,6 +44,7 @@ import struct
 
 import torch
 
+from ..options import DROPOUT_RNG_CHOICES
 from . import rng_native
 from .bits import BITS_PER_BYTE, pack_bits, pack_bits_now, packed_numel, unpack_bits  # noqa: F401  (re-exported)
 from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
@@ -177,7 +178,7 @@ def _dropout_draw_fake(x: torch.Tensor, p: float, impl: str, rng: str = "eager",
     return x.new_empty((packed_numel(x.numel()),), dtype=torch.uint8)
 
 
-RNG_CHOICES = ("eager", "fast")
+RNG_CHOICES = DROPOUT_RNG_CHOICES
 
 
 def check_rng(rng: str) -> None:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fxshear.kernels.act2bit_triton import _cast_fp32_to
-from fxshear.kernels.dropout_bits import BITS_PER_BYTE, packed_numel
+from fxshear.kernels.bits import BITS_PER_BYTE, packed_numel
 
 # 512 bytes = 4096 elements per program, 16 elements per thread with 8 warps on a GPU.
 BLOCK_BYTES = 512

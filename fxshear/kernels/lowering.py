@@ -20,6 +20,7 @@ import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..compat import CustomGraphPass, get_hash_for_files, native_random
+from ..sources import fxshear_source_files
 from . import bits as _bits  # noqa: F401  (defines fxshear::unpack_flags, which _share_unpacks merges)
 
 # op overload -> function with the op's own signature, made only of traceable aten math
@@ -144,8 +145,6 @@ class LowerOpsOnCpu(CustomGraphPass):
         _share_unpacks(graph)
 
     def uuid(self) -> bytes:
-        from ..graph.partitioner import fxshear_source_files
-
         from .native import enabled
 
         # Whether the native C kernels may run decides which prune ops are lowered (same results).

@@ -26,9 +26,7 @@ import torch
 
 from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
 from .lowering import register_cpu_lowering
-
-NORM_KINDS = ("layer", "rms")
-
+from .norms_reference import NORM_KINDS, rstd_shape
 
 def _check_kind(kind: str) -> None:
     if kind not in NORM_KINDS:
@@ -40,10 +38,6 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError("normalize needs at least one dimension (it normalizes over the last)")
     if not x.is_floating_point():
         raise ValueError(f"normalize needs a floating point tensor, got {x.dtype}")
-
-
-def rstd_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (*x.shape[:-1], 1)
 
 
 def normalize_reference(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

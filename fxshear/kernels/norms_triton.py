@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fxshear.kernels.act2bit_triton import _cast_fp32_to
-from fxshear.kernels.norms import NORM_KINDS, rstd_shape
+from fxshear.kernels.norms_reference import NORM_KINDS, rstd_shape
 
 # Column tile cap: one row of up to 4096 elements stays in registers (16 per thread, 8 warps).
 MAX_BLOCK_N = 4096

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .bits import packed_numel
-from .prune import keep_count, samples_and_size
+from .prune_reference import keep_count, samples_and_size
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INF_KEY = 0x7F800000  # the fp32 bits of +inf; NaN magnitudes are clamped to it

@@ -14,7 +14,6 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from ..kernels import act2bit as _ops  # noqa: F401  (registers the op)
 from .base import PASS_META_KEY, PassReport, example_value, excluded, module_types
 
 NAME = "act2bit"

@@ -59,8 +59,6 @@ class ActFromOutputPass:
         return cfg.act_from_output != "off"
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        from ..kernels import act_from_output  # noqa: F401  (registers the ops)
-
         report = PassReport(self.name)
         graph = gm.graph
         for node in list(graph.nodes):

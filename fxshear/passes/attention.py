@@ -29,10 +29,6 @@ _SOFTMAX = (torch.nn.functional.softmax, torch.softmax, torch.ops.aten.softmax.i
 _ADD = (*ADD_FUNCTIONS, operator.iadd)
 
 
-def _ops() -> None:
-    from ..kernels import attention  # noqa: F401  (registers the ops)
-
-
 @dataclass
 class AttentionMatch:
     """The nodes of one attention pattern, from the q·kᵀ matmul to the ·v matmul."""
@@ -215,7 +211,6 @@ class AttentionPass:
         return cfg.attention_recompute
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        _ops()
         report = PassReport(self.name)
         graph = gm.graph
         for node in list(graph.nodes):

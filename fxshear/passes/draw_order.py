@@ -19,8 +19,6 @@ import torch.fx
 
 
 def _draw_ops() -> tuple[object, ...]:
-    from ..kernels import attention, dropout_bits  # noqa: F401  (registers the ops)
-
     return (torch.ops.fxshear.dropout_draw.default, torch.ops.fxshear.attention_dropout_draw.default)
 
 

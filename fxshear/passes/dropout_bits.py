@@ -19,10 +19,6 @@ from .match import call, dropout_arguments, is_float_tensor
 
 NAME = "dropout_bits"
 
-def _ops() -> None:
-    from ..kernels import dropout_bits  # noqa: F401  (registers the ops)
-
-
 class DropoutBitsPass:
     """Rewrite training-mode dropout into ``fxshear::dropout_draw`` + ``fxshear::dropout_apply``."""
 
@@ -32,7 +28,6 @@ class DropoutBitsPass:
         return cfg.dropout_bits
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        _ops()
         report = PassReport(self.name)
         graph = gm.graph
         for node in list(graph.nodes):

@@ -28,10 +28,6 @@ from .match import LINEAR_FUNCTIONS, call, is_float_tensor, linear_parts, output
 NAME = "prune"
 
 
-def _ops() -> None:
-    from .. import kernels  # noqa: F401  (registers every fxshear op these sets name)
-
-
 def output_saving_producers() -> set[object]:
     ops = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, torch.tanh, torch.exp,
            torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten.sigmoid.default,
@@ -96,7 +92,6 @@ class PrunePass:
         return cfg.prune and "linear" in cfg.prune_ops
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        _ops()
         report = PassReport(self.name)
         graph = gm.graph
         groups: dict[tuple[torch.fx.Node, float], list[torch.fx.Node]] = defaultdict(list)

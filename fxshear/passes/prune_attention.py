@@ -33,10 +33,6 @@ _SOFTMAX = (torch.nn.functional.softmax, torch.softmax, torch.ops.aten.softmax.i
 _MATMUL = (torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
 
 
-def _ops() -> None:
-    from ..kernels import prune_attention  # noqa: F401  (registers the ops)
-
-
 def _ratio(node: torch.fx.Node, cfg: ShearConfig) -> tuple[float, str | None]:
     """The node's keep ratio, or a reason it is not pruned (exclusions, ratio 1)."""
     reason = exclusion_reason(node, cfg)
@@ -57,7 +53,6 @@ class PruneAttentionPass:
         return cfg.prune and bool({"attention", "softmax"} & set(cfg.prune_ops))
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        _ops()
         report = PassReport(self.name)
         # (tensor, ratio) -> its pruned (values, bits): a pruned softmax's pack serves the matmul
         # that reads the probabilities, and an operand read by two matmuls is packed once.

@@ -53,10 +53,6 @@ _ADD = (torch.add, operator.add)
 _CASTS = ("to", "type", "float")
 
 
-def _ops() -> None:
-    from ..kernels import norms, shared_linear  # noqa: F401  (registers the ops)
-
-
 @dataclass
 class NormMatch:
     """One norm: its input, kind, eps, affine parameters, and the nodes the rewrite replaces."""
@@ -173,7 +169,6 @@ class ShareNormsPass:
         return cfg.share_norms
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        _ops()
         report = PassReport(self.name)
         graph = gm.graph
         for node in list(graph.nodes):
@@ -256,8 +251,6 @@ class ShareNormsPass:
     def _split_dropout(self, graph: torch.fx.Graph, drop: torch.fx.Node, cfg: ShearConfig,
                        ) -> tuple[torch.fx.Node, torch.fx.Node, float]:
         """The dropout as draw + apply, where it stood (so the generator is used in eager's order)."""
-        from ..kernels import dropout_bits  # noqa: F401  (registers the ops)
-
         x, p = drop.args[0] if drop.args else drop.kwargs["input"], float(dropout_arguments(drop)[1])
         with graph.inserting_before(drop):
             bits = call(graph, torch.ops.fxshear.dropout_draw.default, (x, p, cfg.kernels, cfg.dropout_rng),

@@ -3,7 +3,7 @@
 Why a dispatcher in the backend rather than ``requires_grad_(False)``: Dynamo guards
 ``requires_grad`` (torch 2.13+: one recompile per mask, eager fallback after 8), and torch 2.11
 reuses a stale graph instead (pytorch#139476).  fxshear never toggles ``requires_grad``; the
-callable it returns to Dynamo reads :mod:`fxshear.sched.state` on every call:
+callable it returns to Dynamo reads :mod:`fxshear.freezing.state` on every call:
 
 * no parameter of the region frozen: the all-gradients graph runs as compiled;
 * some frozen: they are handed to the graph detached, so autograd gives them no gradient, and
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .log import log
-from .region import Region, compile_and_record, copy_graph_module
-from .sched.state import frozen_ids
+from ..log import log
+from ..region import Region, compile_and_record, copy_graph_module
+from .state import frozen_ids
 
 
 @dataclasses.dataclass

@@ -26,8 +26,6 @@ import torch.fx
 
 def _gated_targets() -> dict[object, object]:
     """Ops that compute a weight gradient, each with its gated twin (the weight as last argument)."""
-    from ..kernels import gated_mm, shared_linear  # noqa: F401  (registers the ops)
-
     return {torch.ops.aten.mm.default: torch.ops.fxshear.gated_mm.default,
             torch.ops.fxshear.pruned_weight_grad.default: torch.ops.fxshear.gated_pruned_weight_grad.default,
             torch.ops.fxshear.dropout_input_weight_grad.default:

@@ -83,8 +83,6 @@ def gated_dropout_input_weight_grad(grad: torch.Tensor, z: torch.Tensor, gamma: 
     """The weight gradient of a Linear behind a dropout of a norm's output, or zeros when frozen."""
     if not weight.requires_grad:
         return grad.new_zeros(grad.shape[-1], z.shape[-1], dtype=torch.promote_types(grad.dtype, z.dtype))
-    from . import shared_linear  # noqa: F401  (registers the op)
-
     return torch.ops.fxshear.dropout_input_weight_grad(grad, z, gamma, beta, bits, p, impl)
 
 
