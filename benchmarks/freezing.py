@@ -12,7 +12,7 @@
    run-time count of what autograd kept (``fxshear.measure_saved_bytes``) on one more step, and
    for the freezing rows also the ledger a per-mask variant (``freeze_variants``) would save for
    the last mask (traced and partitioned, not compiled).
-2. **Loss curves**: MiniLM fine-tuned on the docstring task of ``fxshear.data`` (real text) for
+2. **Loss curves**: MiniLM fine-tuned on the docstring task of ``fxshear.zoo.data`` (real text) for
    ``--steps`` steps with the same seed and batches: full fine-tuning, the bandit and uniform
    random freezing at sparsity 0.5; final training loss, held-out loss and accuracy.
 
@@ -36,8 +36,8 @@ from rich.table import Table
 
 import fxshear
 import torch._dynamo
-from fxshear.data import load_docstring_dataset
-from fxshear.models import build_model, load_minilm_tokenizer
+from fxshear.zoo.data import load_docstring_dataset
+from fxshear.zoo.models import build_model, load_minilm_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

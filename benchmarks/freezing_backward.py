@@ -29,7 +29,7 @@ import torch
 import torch._dynamo
 
 import fxshear
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 from fxshear.freezing.arms import find_arms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -3,7 +3,7 @@
     python benchmarks/prune_fidelity.py [--steps N] [--seeds S] [--keep-ratios R,R] [--quick] [--out DIR]
 
 Two measurements on all-MiniLM-L6-v2 (real weights, dropout on) and the docstring task of
-``fxshear.data`` (real text, no download):
+``fxshear.zoo.data`` (real text, no download):
 
 1. **Gradient cosine per layer type.**  One batch of real text, one backward under fxshear's
    ``exact`` preset (its gradients equal eager's) and one under each approximate setting, with the
@@ -44,8 +44,8 @@ from rich.table import Table
 from torch import nn
 
 import fxshear
-from fxshear.data import load_docstring_dataset
-from fxshear.models import build_model, load_minilm_tokenizer
+from fxshear.zoo.data import load_docstring_dataset
+from fxshear.zoo.models import build_model, load_minilm_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -55,7 +55,7 @@ from rich.table import Table
 from torch import nn
 
 import fxshear
-from fxshear.models import ExampleModel, build_model
+from fxshear.zoo.models import ExampleModel, build_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"

@@ -38,9 +38,9 @@ from rich.table import Table
 from torch import nn
 
 import fxshear
-from fxshear.data import DocstringDataset, load_docstring_dataset, tokenize_batches
+from fxshear.zoo.data import DocstringDataset, load_docstring_dataset, tokenize_batches
 from fxshear.inspection import InspectionReport
-from fxshear.models import ExampleModel, build_model, load_minilm_tokenizer
+from fxshear.zoo.models import ExampleModel, build_model, load_minilm_tokenizer
 
 SEED = 0
 NUM_CLASSES = 4

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 import fxshear
-from fxshear.data import load_docstring_dataset
-from fxshear.models import load_minilm_tokenizer
+from fxshear.zoo.data import load_docstring_dataset
+from fxshear.zoo.models import load_minilm_tokenizer
 
 import finetune_minilm as finetune  # the sibling example (this script's folder is on sys.path)
 

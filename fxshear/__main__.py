@@ -23,7 +23,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_PRESET, PRESETS
-    from .models import MODEL_NAMES
+    from .zoo.models import MODEL_NAMES
 
     parser = argparse.ArgumentParser(prog="fxshear", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError
     from .inspection import inspect
-    from .models import MODEL_NAMES, build_model, load_user_model
+    from .zoo.models import MODEL_NAMES, build_model, load_user_model
 
     console = Console()
     try:

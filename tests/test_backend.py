@@ -15,7 +15,7 @@ import torch
 
 import fxshear
 from fxshear.config import ShearConfig
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 from fxshear.passes.act2bit import Act2BitPass
 from helpers import assert_grads_close, assert_grads_close_in_norm, gradient_fidelity, grads, with_2bit_activations
 

@@ -19,7 +19,7 @@ import torch
 
 import fxshear
 from fxshear.config import ShearConfig
-from fxshear.models import ExampleModel, build_model
+from fxshear.zoo.models import ExampleModel, build_model
 from helpers import assert_grads_close_in_norm, grads
 
 BUDGETS = (1.0, 0.5, 0.1, 0.05, 0.0)

@@ -14,7 +14,7 @@ import torch
 
 import fxshear
 from fxshear.config import ShearConfig
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 from helpers import assert_grads_close_in_norm, grads
 
 EXACT_PASSES = {"share_norms", "attention", "dropout_bits", "fused_loss"}

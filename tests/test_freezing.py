@@ -14,7 +14,7 @@ import fxshear
 from fxshear.config import ConfigError, ShearConfig
 from fxshear.freezing import gated_mm as gated_mm_module
 from fxshear.freezing.gated_mm import gated_mm
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -103,7 +103,7 @@ def test_look_alikes_and_shared_intermediates_are_left_alone() -> None:
 
 
 def test_gpt2_gelu_new_reaches_the_activation_passes() -> None:
-    from fxshear.models import build_model
+    from fxshear.zoo.models import build_model
 
     example = build_model("gpt2", dropout=False)
     backend = _backend("balanced")

@@ -13,7 +13,7 @@ import torch
 
 import fxshear
 from conftest import toy_mlp
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 from helpers import assert_grads_close, assert_grads_close_in_norm, gradient_fidelity, grads, with_2bit_activations
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 import fxshear
 from fxshear.__main__ import main
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxshear.data import DocstringDataset, load_docstring_dataset, tokenize_batches
-from fxshear.models import (
+from fxshear.zoo.data import DocstringDataset, load_docstring_dataset, tokenize_batches
+from fxshear.zoo.models import (
     MODEL_NAMES,
     ExampleModel,
     MiniLMClassifier,
@@ -229,7 +229,7 @@ def test_load_user_model_passes_through_example_models(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     (tmp_path / "fxshear_builtin_passthrough.py").write_text(
-        "from fxshear.models import build_model\n"
+        "from fxshear.zoo.models import build_model\n"
         "def make(**kwargs):\n    return build_model('llama', **kwargs)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -299,7 +299,7 @@ def test_dataset_is_deterministic_across_processes(dataset: DocstringDataset) ->
     assert _fingerprint(load_docstring_dataset(num_classes=4, seed=1)) != _fingerprint(dataset)
     # string hashing (and so set order) is randomised per process: the result must not depend on it
     script = (
-        "import hashlib, json; from fxshear.data import load_docstring_dataset as load; "
+        "import hashlib, json; from fxshear.zoo.data import load_docstring_dataset as load; "
         "d = load(num_classes=4, seed=0); "
         "print(hashlib.sha256(json.dumps([d.train, d.held_out, d.label_names]).encode())"
         ".hexdigest())"

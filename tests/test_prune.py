@@ -342,7 +342,7 @@ def test_peft_lora_prunes_each_input_once_and_frozen_base_linears_save_nothing()
     save nothing for a weight gradient), and the adapters' A matrices that read one input share
     one pruned copy of it instead of one per adapter."""
     peft = pytest.importorskip("peft")
-    from fxshear.models import build_model
+    from fxshear.zoo.models import build_model
 
     example = build_model("minilm", dropout=True)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"],

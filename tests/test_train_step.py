@@ -10,7 +10,7 @@ import torch
 
 import fxshear
 from fxshear.config import ConfigError
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 from fxshear.freezing.arms import find_arms
 
 

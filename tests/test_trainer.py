@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxshear.models import build_model
+from fxshear.zoo.models import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ Every model comes as an :class:`ExampleModel` bundling the module (in train mode
 deterministic batch factory and a loss function that works on the plain module and on its
 ``torch.compile`` wrapper alike.
 
-``transformers`` is imported lazily so that ``import fxshear.models`` stays cheap.
+``transformers`` is imported lazily so that ``import fxshear.zoo.models`` stays cheap.
 """
 
 from __future__ import annotations
