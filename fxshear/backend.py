@@ -1,6 +1,6 @@
 """The ``fxshear`` torch.compile backend.
 
-Pipeline per graph Dynamo hands us (DESIGN §2): torch-IR passes substitute fxshear custom ops →
+Pipeline per graph Dynamo hands us (docs/design.md §1): torch-IR passes substitute fxshear custom ops →
 Inductor's ``compile_fx`` runs AOTAutograd, Inductor's joint passes, our steered partitioner
 (min-cut under ``memory_budget``) and lowering.  Each pass runs on a copy and is dropped if it
 raises; if compiling the rewritten graph fails, the unmodified graph is compiled instead.

@@ -13,7 +13,7 @@
     print(step.metrics[-1])          # step time, saved bytes, active fraction, ...
 
 Why a decorator and not a compiled function: ``torch.compile`` breaks a graph at ``backward()``
-and at ``optimizer.step()`` anyway (DESIGN §2); the work that matters is in the model's forward
+and at ``optimizer.step()`` anyway (docs/design.md §2); the work that matters is in the model's forward
 and backward.  So the decorator compiles the *model* in place with the fxshear backend, and
 around the user's function it samples the freeze mask, makes the compiled regions honour it
 (:mod:`fxshear.freezing.state`, no recompiles), reads the active weights' gradient norms as

@@ -13,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per test process (make test runs one per core): not four threads on two cores.
+    torch.set_num_threads(1)
+
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under the interpreter. This must be set before anything
     # imports triton (torch.library and Inductor may, while other test modules are collected):

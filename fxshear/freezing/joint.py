@@ -1,4 +1,4 @@
-"""Joint-graph edits for per-step freezing (DESIGN §2, §4.4).
+"""Joint-graph edits for per-step freezing (docs/design.md §6).
 
 Two edits, both made on the joint forward+backward graph just before the min-cut, so they work
 whatever the torch-IR passes made of a Linear (plain, shared-norm, pruned, LoRA):

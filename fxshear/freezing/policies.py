@@ -1,7 +1,7 @@
 """Which weights to freeze this step: the Sheared-Backprop bandit and simple policies to compare.
 
 Each policy holds one *arm* per trainable weight tensor (the block Linears'), and every step says
-which arms are active (get a gradient) and which are frozen.  The bandit (DESIGN §4.4, after
+which arms are active (get a gradient) and which are frozen.  The bandit (docs/design.md §6, after
 JointSpar / Sheared Backpropagation) samples ``active_i ~ Bernoulli(p_i)`` every ``period`` steps
 and holds that mask in between; after the backward of a sampling step it reads the active arms'
 gradient norms ``g_i`` and moves probability towards arms whose importance-weighted gradient

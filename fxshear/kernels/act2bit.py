@@ -3,7 +3,7 @@
 Why a custom op: AOTAutograd decomposes ``gelu`` and its backward into pointwise soup and the
 min-cut partitioner then saves whatever it likes.  An opaque op with its own autograd formula
 survives tracing, and Inductor's partitioner keeps its uint8 output saved instead of the dense
-pre-activation (DESIGN §2).
+pre-activation (docs/design.md §2).
 
 Ops:
     act2bit(x, kind, approximate, impl) -> (y, codes)      y exact, codes uint8[ceil(numel/4)]

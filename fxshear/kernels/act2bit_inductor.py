@@ -1,7 +1,7 @@
 """The aten math ``fxshear::act2bit`` is lowered to on CPU after partitioning (see ``lowering``).
 
 Why after partitioning: the op must stay opaque until the min-cut has run, or the partitioner
-would save the dense pre-activation again (DESIGN §2).  Once forward and backward are split,
+would save the dense pre-activation again (docs/design.md §2).  Once forward and backward are split,
 what is saved is fixed, and the op is only a kernel: an eager fallback call costs ~10 passes
 over the activation, while the same math as aten pointwise ops lets Inductor's C++ backend
 fuse GELU into the matmul epilogue and compare-and-pack 4 codes per byte in one vectorized

@@ -1,7 +1,7 @@
 """Lower fxshear ops to plain aten math after partitioning, on CPU, so Inductor fuses them.
 
 Why after partitioning: an op must stay opaque until the min-cut has run, or the partitioner
-would pick its own saved set again (DESIGN §2).  Once forward and backward are split, what is
+would pick its own saved set again (docs/design.md §2).  Once forward and backward are split, what is
 saved is fixed and the op is only a kernel: an eager fallback call costs several passes over the
 tensor, while the same math as aten ops lets Inductor's C++ backend fuse it with its neighbours.
 

@@ -1,7 +1,7 @@
 """Pass: LayerNorm / RMSNorm and the Linears they feed share one saved tensor (MS-LN, MS-RMSNorm).
 
 Why: a norm's backward can be written from its normalized output ``z`` and ``rstd`` alone
-(DESIGN §4.2), and the following Linear's weight gradient can be taken from the same ``z``:
+(docs/design.md §5), and the following Linear's weight gradient can be taken from the same ``z``:
 with ``y = z·γ + β`` feeding ``W``, ``dW = (gᵀz)·γ + outer(Σg, β)``.  So the norm's input and
 its affine output are no longer saved; ``z`` is, once.  The model and its state_dict are left
 exactly as written: no folding of γ/β into the next layer and no division by γ.
