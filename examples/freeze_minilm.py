@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="exact", choices=fxshear.PRESETS)
     args = parser.parse_args(argv)
     try:
-        fxshear.sched.BanditSettings(sparsity=args.sparsity, period=args.period)
+        fxshear.freezing.BanditSettings(sparsity=args.sparsity, period=args.period)
     except fxshear.ConfigError as error:
         parser.error(str(error))
     return args

@@ -76,7 +76,7 @@ class Region:
     reference: SavedSizes | None = None
     effective_budget: float | None = None
     #: Per-step freezing: the inputs whose gradients this compile drops (a mask variant), and
-    #: those whose weight-gradient matmuls are gated at run time (see fxshear.graph.freeze).
+    #: those whose weight-gradient matmuls are gated at run time (see fxshear.freezing.joint).
     frozen: frozenset[int] = frozenset()
     gated: frozenset[int] = frozenset()
 

@@ -122,7 +122,7 @@ class ShearPartitioner(CustomPartitionerFn):
                  frozen: frozenset[int] = frozenset(), gated: frozenset[int] = frozenset()) -> None:
         """``frozen``: input indices whose gradients this partition drops (a mask variant);
         ``gated``: input indices whose weight-gradient matmuls are skipped at run time when the
-        input arrives frozen (see :mod:`fxshear.graph.freeze`)."""
+        input arrives frozen (see :mod:`fxshear.freezing.joint`)."""
         self.cfg = cfg
         self.reference = reference
         self.frozen = frozenset(frozen)
