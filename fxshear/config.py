@@ -90,7 +90,7 @@ class ShearConfig:
             the masks first seen (each drops its frozen gradients and what only they saved, so
             it saves less memory; each costs a full compile).  0: never (no recompiles at all).
         kernels: "auto" (Triton on CUDA when available; on CPU the native C kernels of pruning
-            where they build, see ``fxshear/kernels/native.py``; torch elsewhere), "torch" or "triton".
+            where they build, see ``fxshear/kernels/infra/native.py``; torch elsewhere), "torch" or "triton".
         on_error: "fallback" compiles the unmodified graph if fxshear fails; "raise" re-raises.
     """
 

@@ -22,7 +22,7 @@ from .compat import caches_disabled
 from .config import ShearConfig
 from .graph.ledger import Ledger, Origin, build_ledger
 from .graph.partitioner import Partition, SavedSizes, ShearPartitioner, current_recorder, saved_sizes
-from .kernels.lowering import LowerOpsOnCpu
+from .kernels.infra.lowering import LowerOpsOnCpu
 from .passes.base import PASS_META_KEY, PassReport, module_path
 
 _region_counter = itertools.count()

@@ -50,7 +50,7 @@ def opaque_fxshear_ops(graph: torch.fx.Graph) -> list[object]:
     """fxshear ops left in a graph after lowering, other than the CPU bit unpack.
 
     ``fxshear::unpack_flags`` stays opaque on purpose (Inductor vectorizes its consumers only
-    when the flags arrive dense; see ``fxshear/kernels/bits.py``)."""
+    when the flags arrive dense; see ``fxshear/kernels/infra/bits.py``)."""
     unpack = torch.ops.fxshear.unpack_flags.default
     return [n.target for n in graph.nodes
             if n.op == "call_function" and "fxshear" in str(n.target) and n.target is not unpack]

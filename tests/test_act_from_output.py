@@ -27,7 +27,7 @@ from fxshear.kernels.act_from_output import (
     silu_from_output,
     unpack_bits,
 )
-from fxshear.kernels.lowering import lowerable_ops
+from fxshear.kernels.infra.lowering import lowerable_ops
 from helpers import eager_forward_error, eager_nan_at_inf
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -22,7 +22,7 @@ from fxshear.kernels.attention import (
     recompute_attention,
     unpack_bits,
 )
-from fxshear.kernels.lowering import LowerOpsOnCpu
+from fxshear.kernels.infra.lowering import LowerOpsOnCpu
 from helpers import fxshear_ops_in_code, opaque_fxshear_ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -20,7 +20,7 @@ from fxshear.kernels.dropout_bits import (
     packed_numel,
     unpack_bits,
 )
-from fxshear.kernels.lowering import lowerable_ops
+from fxshear.kernels.infra.lowering import lowerable_ops
 
 F = torch.nn.functional
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -181,7 +181,7 @@ def test_eager_packing_matches_traceable_packing(shape: tuple[int, ...], density
 @given(numel=st.integers(0, 200), density=st.floats(0, 1), spare=st.integers(0, 7))
 def test_cpu_unpack_op_matches_the_aten_math(numel: int, density: float, spare: int) -> None:
     """fxshear::unpack_flags (numpy on CPU) reads exactly what the traceable math reads."""
-    from fxshear.kernels.bits import unpack_bits_math
+    from fxshear.kernels.infra.bits import unpack_bits_math
 
     mask = torch.rand(numel) < density
     bits = pack_bits(mask)
@@ -201,7 +201,7 @@ def test_cpu_unpack_op_checks() -> None:
 
 def test_lowering_unpacks_each_mask_once() -> None:
     """Two lowered reads of the same bits share one unpack (an opaque op is not CSE'd)."""
-    from fxshear.kernels.lowering import LowerOpsOnCpu
+    from fxshear.kernels.infra.lowering import LowerOpsOnCpu
     from torch.fx.experimental.proxy_tensor import make_fx
 
     x = torch.randn(4, 8)
@@ -230,7 +230,7 @@ def test_noise_value_is_eagers_noise() -> None:
 
 
 def test_only_the_application_and_fast_draws_are_lowered() -> None:
-    from fxshear.kernels.lowering import _CONDITIONS
+    from fxshear.kernels.infra.lowering import _CONDITIONS
 
     ops = lowerable_ops()
     assert torch.ops.fxshear.dropout_apply.default in ops
@@ -302,7 +302,7 @@ def test_fast_draw_under_inductor(native_on: bool, monkeypatch: pytest.MonkeyPat
     from torch._inductor.utils import run_and_get_code
 
     import fxshear
-    from fxshear.kernels import native
+    from fxshear.kernels.infra import native
 
     if not native_on:
         monkeypatch.setenv("FXSHEAR_NATIVE", "0")

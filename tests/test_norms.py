@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxshear.kernels.lowering import lowerable_ops
+from fxshear.kernels.infra.lowering import lowerable_ops
 from fxshear.kernels.norms import (
     layer_norm,
     normalize,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fxshear
 from fxshear.config import ShearConfig
-from fxshear.kernels.lowering import lowerable_ops
+from fxshear.kernels.infra.lowering import lowerable_ops
 from helpers import opaque_fxshear_ops
 from fxshear.kernels.prune import (
     _lower_prune_pack,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fxshear.kernels import rng_native
 from fxshear.kernels.attention import attention_dropout_draw
-from fxshear.kernels.bits import unpack_bits
+from fxshear.kernels.infra.bits import unpack_bits
 from fxshear.kernels.dropout_bits import dropout_draw
 
 pytestmark = pytest.mark.skipif(not rng_native.usable("cpu"), reason="no C compiler for the native kernels")

@@ -25,12 +25,11 @@ from .act2bit_reference import (
     encode_reference,
     packed_numel,
 )
-from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
+from .infra.dispatch import IMPLS, triton_switch  # noqa: F401  (IMPLS re-exported)
 
 
 
-def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    return use_triton(t, impl, "act2bit_triton")
+_use_triton = triton_switch("act2bit_triton")
 
 
 def _check(kind: str, approximate: str) -> None:

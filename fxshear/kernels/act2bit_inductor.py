@@ -16,12 +16,8 @@ import torch
 
 from . import act2bit as _ops  # noqa: F401  (registers the ops lowered here)
 from .act2bit_reference import STEPS, code_planes
-from .lowering import register_cpu_lowering
-
-
-def _fp32(value: float) -> float:
-    """The value as torch uses it against an fp32 tensor, exactly representable in fp32."""
-    return float(torch.tensor(value, dtype=torch.float32))
+from .infra.lowering import register_cpu_lowering
+from .infra.numbers import fp32 as _fp32
 
 
 # Rounded once here: a torch.tensor() call inside a traced function would become a constant.

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fxshear.kernels.infra.numbers import fp32
+from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to, grid_1d
 from fxshear.kernels.act2bit_reference import (
     CODES_PER_BYTE,
     GELU_APPROXIMATIONS,
@@ -29,7 +31,6 @@ from fxshear.kernels.act2bit_reference import (
 # runs fast) and 16 elements per thread with 8 warps on a GPU.
 BLOCK_BYTES = 1024
 NUM_WARPS = 8
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Globals read inside @triton.jit functions must be constexpr.
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -41,23 +42,6 @@ GELU_TANH_CUBIC = tl.constexpr(0.044715)
 def _sigmoid(v):
     """1 / (1 + exp(-v)): exp overflows to inf for very negative v, which gives exactly 0."""
     return 1.0 / (1.0 + tl.exp(-v))
-
-
-@triton.jit
-def _cast_fp32_to(v, dtype: tl.constexpr):
-    """Cast fp32 ``v`` to ``dtype`` rounding to nearest even, as torch does.
-
-    bf16 is rounded by hand: the Triton interpreter truncates fp32 -> bf16 casts, while
-    GPUs round to nearest even.  The integer rounding below is exactly the GPU (and torch)
-    result, so one code path is bit-exact in both places and can be tested on CPU.
-    """
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(v != v, 0x7FC0, rounded)  # keep NaN a NaN, not inf
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit
@@ -96,7 +80,7 @@ def _act2bit_forward_kernel(
             y = 0.5 * x * (1.0 + tl.erf(x * SQRT_HALF))
     else:  # silu
         y = x * _sigmoid(x)
-    tl.store(y_ptr + elem_idx, _cast_fp32_to(y, y_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(y_ptr + elem_idx, cast_fp32_to(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
     code = (x > c1).to(tl.int32) + (x > c2).to(tl.int32) + (x > c3).to(tl.int32)
     code = tl.where(in_bounds, code, 0)  # pad codes (top plane of the last bytes) stay zero
@@ -135,12 +119,7 @@ def _act2bit_backward_kernel(
 
     grad = tl.load(grad_ptr + elem_idx, mask=in_bounds, other=0.0).to(tl.float32)
     dx = grad * level
-    tl.store(dx_ptr + elem_idx, _cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
-
-
-def _as_fp32(value: float) -> float:
-    """``value`` rounded to fp32: what torch compares fp32 tensors with and multiplies by."""
-    return torch.tensor(value, dtype=torch.float32).item()
+    tl.store(dx_ptr + elem_idx, cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def _check_kind(kind: str) -> None:
@@ -154,7 +133,7 @@ def _check_float_tensor(t: torch.Tensor, name: str) -> None:
 
 
 def _grid(num_bytes: int) -> tuple[int]:
-    return (triton.cdiv(num_bytes, BLOCK_BYTES),)
+    return grid_1d(num_bytes, BLOCK_BYTES)
 
 
 def act2bit_forward_triton(
@@ -182,7 +161,7 @@ def act2bit_forward_triton(
     x_contiguous = x.contiguous()
     # The kernel writes in logical order, so it can only write straight into a contiguous y.
     y_out = y if y.is_contiguous() else torch.empty_like(x_contiguous)
-    c1, c2, c3 = (_as_fp32(c) for c in STEPS[kind].thresholds)
+    c1, c2, c3 = (fp32(c) for c in STEPS[kind].thresholds)
     _act2bit_forward_kernel[_grid(num_bytes)](
         x_contiguous,
         y_out,
@@ -226,7 +205,7 @@ def act2bit_backward_triton(grad: torch.Tensor, packed: torch.Tensor, kind: str)
 
     grad_contiguous = grad.contiguous()
     dx_out = dx if dx.is_contiguous() else torch.empty_like(grad_contiguous)
-    _, level1, level2, level3 = (_as_fp32(level) for level in STEPS[kind].levels)
+    _, level1, level2, level3 = (fp32(level) for level in STEPS[kind].levels)
     _act2bit_backward_kernel[_grid(num_bytes)](
         grad_contiguous,
         packed.contiguous(),

@@ -74,9 +74,9 @@ from __future__ import annotations
 
 import torch
 
-from .bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits  # noqa: F401  (re-exported)
-from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
-from .lowering import register_cpu_lowering
+from .infra.bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits  # noqa: F401  (re-exported)
+from .infra.dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
+from .infra.lowering import register_cpu_lowering
 from .act_from_output_reference import (  # noqa: F401  (re-exported: the op's constants)
     KINDS,
     GELU_APPROXIMATIONS,

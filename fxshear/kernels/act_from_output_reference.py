@@ -9,19 +9,20 @@ which registers the op and its CPU lowering.  The derivation is in the op module
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from ..options import ACTIVATION_KINDS
-from .bits import BITS_PER_BYTE, packed_numel  # noqa: F401  (the flag format, re-exported)
+from .infra.numbers import FLOAT_DTYPES
+from .infra.numbers import fp32 as _f32
+from .infra.bits import BITS_PER_BYTE, packed_numel  # noqa: F401  (the flag format, re-exported)
 
 KINDS = ACTIVATION_KINDS
 GELU_APPROXIMATIONS = ("none", "tanh")
 FLAGS_PER_BYTE = BITS_PER_BYTE
 TRITON_MODULE = "act_from_output_triton"
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = FLOAT_DTYPES
 
 # Dtypes whose largest recovered-derivative error is <= 4x eager PyTorch's own (module docstring).
 EXACT_DTYPES: frozenset[torch.dtype] = frozenset({torch.bfloat16})
@@ -40,10 +41,6 @@ TANH_CUBIC = 0.044715
 ERFC_POLY = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
              0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 
-
-def _f32(value: float) -> float:
-    """``value`` rounded to the nearest fp32, as torch uses a Python scalar against fp32 tensors."""
-    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @dataclass(frozen=True)

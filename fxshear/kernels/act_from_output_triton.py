@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from fxshear.kernels.act2bit_triton import _cast_fp32_to
+from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to
 from fxshear.kernels.act_from_output_reference import (
     ERFC_POLY,
     FLAGS_PER_BYTE,
@@ -56,7 +56,6 @@ FORWARD_BLOCK_BYTES = 512  # 4096 elements per program, 16 per thread
 FORWARD_WARPS = 8
 BACKWARD_BLOCK_BYTES = 128  # the backward is ~100 flops per element: fewer per thread
 BACKWARD_WARPS = 4
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KIND_CODES = {("gelu", "none"): 0, ("gelu", "tanh"): 1, ("silu", "none"): 2}
 LEFT_TAIL_CODES = {"none": 0, "gelu": 1, "silu": 2}
 
@@ -251,7 +250,7 @@ def _forward_kernel(x_ptr, y_ptr, flag_ptr, numel, num_bytes, x_min,
 
     x = tl.load(x_ptr + elem_idx, mask=in_bounds, other=0.0).to(tl.float32)
     y = _activation(x, KIND, LIBDEVICE)
-    tl.store(y_ptr + elem_idx, _cast_fp32_to(y, y_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(y_ptr + elem_idx, cast_fp32_to(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
     bit = ((x >= x_min) & in_bounds).to(tl.int32)  # pad lanes of the last byte stay zero
     packed = tl.sum(bit << lane[None, :], axis=1)  # disjoint bits: the sum is the OR
@@ -274,7 +273,7 @@ def _backward_kernel(grad_ptr, y_ptr, flag_ptr, dx_ptr, coef_ptr, numel, num_byt
     y = tl.load(y_ptr + elem_idx, mask=in_bounds, other=0.0).to(tl.float32)
     grad = tl.load(grad_ptr + elem_idx, mask=in_bounds, other=0.0).to(tl.float32)
     slope = _derivative(y, right, coef_ptr, h, KIND, LEFT_TAIL, N_NEAR, N_RIGHT, N_LEFT, LIBDEVICE)
-    tl.store(dx_ptr + elem_idx, _cast_fp32_to(grad * slope, dx_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(dx_ptr + elem_idx, cast_fp32_to(grad * slope, dx_ptr.dtype.element_ty), mask=in_bounds)
 
 
 @functools.cache

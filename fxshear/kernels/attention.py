@@ -53,11 +53,11 @@ from __future__ import annotations
 
 import torch
 
-from .bits import BITS_PER_BYTE, pack_bits, packed_numel  # noqa: F401  (re-exported)
-from .bits import unpack_bits as unpack_flat
-from .dispatch import use_triton
+from .infra.bits import BITS_PER_BYTE, pack_bits, packed_numel  # noqa: F401  (re-exported)
+from .infra.bits import unpack_bits as unpack_flat
+from .infra.dispatch import use_triton
 from .dropout_bits import apply_math, check_rng, draw_mask, fast_draw, fast_mask, lowers_fast_draw
-from .lowering import register_cpu_lowering
+from .infra.lowering import register_cpu_lowering
 from .attention_reference import TRITON_DTYPES, TRITON_MAX_HEAD_DIM, dropout_scale  # noqa: F401  (re-exported)
 
 

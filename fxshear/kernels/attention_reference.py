@@ -1,15 +1,15 @@
 """What ``fxshear::attention`` and its Triton twin agree on: supported sizes and the dropout scale.
 
 Kept apart from the op module (which registers the ops and their CPU lowering) so that the
-Triton twin imports only this and the bit format (:mod:`fxshear.kernels.bits`).
+Triton twin imports only this and the bit format (:mod:`fxshear.kernels.infra.bits`).
 """
 
 from __future__ import annotations
 
-import torch
+from .infra.numbers import FLOAT_DTYPES
 
 TRITON_MAX_HEAD_DIM = 128
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = FLOAT_DTYPES
 
 
 def dropout_scale(dropout_p: float) -> float:

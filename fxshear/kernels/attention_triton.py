@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fxshear.kernels.act2bit_triton import _cast_fp32_to
+from fxshear.kernels.infra.triton_helpers import cast_fp32_to
 from fxshear.kernels.attention_reference import TRITON_DTYPES, TRITON_MAX_HEAD_DIM, dropout_scale
-from fxshear.kernels.bits import packed_numel as packed_bits_numel
+from fxshear.kernels.infra.bits import packed_numel as packed_bits_numel
 
 NUM_WARPS = 4
 
@@ -53,7 +53,7 @@ def _cast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """fp32 -> ``dtype`` rounding to nearest even: natively on a GPU; by hand in the
     interpreter, which truncates fp32 -> bf16."""
     if INTERPRETED:
-        return _cast_fp32_to(x, dtype)
+        return cast_fp32_to(x, dtype)
     else:
         return x.to(dtype)
 

@@ -46,9 +46,9 @@ import torch
 
 from ..options import DROPOUT_RNG_CHOICES
 from . import rng_native
-from .bits import BITS_PER_BYTE, pack_bits, pack_bits_now, packed_numel, unpack_bits  # noqa: F401  (re-exported)
-from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
-from .lowering import register_cpu_lowering
+from .infra.bits import BITS_PER_BYTE, pack_bits, pack_bits_now, packed_numel, unpack_bits  # noqa: F401  (re-exported)
+from .infra.dispatch import IMPLS, triton_switch  # noqa: F401  (IMPLS re-exported)
+from .infra.lowering import register_cpu_lowering
 
 def _check_p(p: float) -> None:
     if not 0.0 <= p <= 1.0:
@@ -108,8 +108,7 @@ def _laid_out_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
-def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    return use_triton(t, impl, "dropout_bits_triton")
+_use_triton = triton_switch("dropout_bits_triton")
 
 
 def _check_bits(bits: torch.Tensor, numel: int) -> None:

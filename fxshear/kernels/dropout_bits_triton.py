@@ -16,13 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fxshear.kernels.act2bit_triton import _cast_fp32_to
-from fxshear.kernels.bits import BITS_PER_BYTE, packed_numel
+from fxshear.kernels.infra.numbers import fp32 as _fp32
+from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to, grid_1d
+from fxshear.kernels.infra.bits import BITS_PER_BYTE, packed_numel
 
 # 512 bytes = 4096 elements per program, 16 elements per thread with 8 warps on a GPU.
 BLOCK_BYTES = 512
 NUM_WARPS = 8
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -56,16 +56,11 @@ def _dropout_backward_kernel(
     keep = ((packed[:, None] >> lane[None, :]) & 1).to(tl.float32)
     grad = tl.load(grad_ptr + elem_idx, mask=in_bounds, other=0.0).to(tl.float32)
     dx = keep * grad * scale
-    tl.store(dx_ptr + elem_idx, _cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(dx_ptr + elem_idx, cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def _grid(num_bytes: int) -> tuple[int]:
-    return (triton.cdiv(num_bytes, BLOCK_BYTES),)
-
-
-def _fp32(value: float) -> float:
-    """``value`` rounded to fp32, as CUDA's ``masked_scale`` receives its scale."""
-    return torch.tensor(value, dtype=torch.float32).item()
+    return grid_1d(num_bytes, BLOCK_BYTES)
 
 
 def pack_bits_triton(mask: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ weight=class_weight, ignore_index=, label_smoothing=, reduction=)``:
 ``impl``: "auto" (Triton on CUDA when importable), "torch" or "triton"; Triton only replaces
 the per-chunk softmax/loss/dlogits step, the matmuls are torch's in both paths.
 
-No CPU lowering is registered (see :mod:`fxshear.kernels.lowering`): traced by ``make_fx`` the
+No CPU lowering is registered (see :mod:`fxshear.kernels.infra.lowering`): traced by ``make_fx`` the
 chunk loop would unroll into one copy of the graph per chunk, and the work is matmuls, which
 Inductor calls as extern kernels anyway.  On CPU the op runs eagerly inside the graph.
 """
@@ -63,7 +63,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from .infra.dispatch import triton_switch
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -76,8 +76,7 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 CPU_CHUNK_BYTES = 16 * 2**20
 
 
-def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    return use_triton(t, impl, "linear_cross_entropy_triton")
+_use_triton = triton_switch("linear_cross_entropy_triton")
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fxshear.kernels.act2bit_triton import _cast_fp32_to
+from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Liger's choice: a whole 32k block per loop step, spread over 32 warps (32 values a thread).
 MAX_BLOCK_V = 32768
 
@@ -120,7 +119,7 @@ def _cross_entropy_chunk_kernel(
                 else:
                     grad = grad - label_smoothing / n_cols
             grad = tl.where(offsets == target, grad - (1.0 - label_smoothing) * target_weight, grad)
-            tl.store(row_ptr + offsets, _cast_fp32_to(grad * scale, out_dtype), mask=mask)
+            tl.store(row_ptr + offsets, cast_fp32_to(grad * scale, out_dtype), mask=mask)
 
 
 def _num_warps(block_v: int) -> int:

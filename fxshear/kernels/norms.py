@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import IMPLS, use_triton  # noqa: F401  (IMPLS re-exported)
-from .lowering import register_cpu_lowering
+from .infra.dispatch import IMPLS, triton_switch  # noqa: F401  (IMPLS re-exported)
+from .infra.lowering import register_cpu_lowering
 from .norms_reference import NORM_KINDS, rstd_shape
 
 def _check_kind(kind: str) -> None:
@@ -65,8 +65,7 @@ def normalize_backward_reference(
     return (rstd * inner).to(z.dtype)
 
 
-def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    return use_triton(t, impl, "norms_triton")
+_use_triton = triton_switch("norms_triton")
 
 
 def _contiguous_copy(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

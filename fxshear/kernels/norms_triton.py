@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxshear.kernels.act2bit_triton import _cast_fp32_to
+from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to
 from fxshear.kernels.norms_reference import NORM_KINDS, rstd_shape
 
 # Column tile cap: one row of up to 4096 elements stays in registers (16 per thread, 8 warps).
@@ -22,7 +22,6 @@ MAX_BLOCK_N = 4096
 # Elements per program tile when rows are short: small rows are batched ROWS to a program.
 TILE_ELEMENTS = 4096
 MAX_ROWS = 64
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -45,7 +44,7 @@ def _normalize_forward_kernel(
             centered = tl.where(in_bounds, x - mean[:, None], 0.0)
             rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / N + eps)
             z = centered * rstd[:, None]
-        tl.store(z_ptr + row_start + cols[None, :], _cast_fp32_to(z, z_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(z_ptr + row_start + cols[None, :], cast_fp32_to(z, z_ptr.dtype.element_ty), mask=in_bounds)
     else:
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
@@ -74,7 +73,7 @@ def _normalize_forward_kernel(
             in_bounds = row_ok[:, None] & (c[None, :] < N)
             x = tl.load(x_ptr + row_start + c[None, :], mask=in_bounds, other=0.0).to(tl.float32)
             z = (x - mean[:, None]) * rstd[:, None]
-            tl.store(z_ptr + row_start + c[None, :], _cast_fp32_to(z, z_ptr.dtype.element_ty), mask=in_bounds)
+            tl.store(z_ptr + row_start + c[None, :], cast_fp32_to(z, z_ptr.dtype.element_ty), mask=in_bounds)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
@@ -97,7 +96,7 @@ def _normalize_backward_kernel(
         if not IS_RMS:
             inner -= (tl.sum(g, axis=1) / N)[:, None]
         dx = rstd[:, None] * inner
-        tl.store(dx_ptr + row_start + cols[None, :], _cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(dx_ptr + row_start + cols[None, :], cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
     else:
         acc_g = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         acc_gz = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
@@ -119,7 +118,7 @@ def _normalize_backward_kernel(
             g = tl.load(g_ptr + row_start + c[None, :], mask=in_bounds, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + row_start + c[None, :], mask=in_bounds, other=0.0).to(tl.float32)
             dx = rstd[:, None] * (g - mean_g[:, None] - z * mean_gz[:, None])
-            tl.store(dx_ptr + row_start + c[None, :], _cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
+            tl.store(dx_ptr + row_start + c[None, :], cast_fp32_to(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def _launch_config(M: int, N: int, max_block_n: int) -> tuple[int, int, bool, int]:

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from . import prune_native
-from .bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits
-from .dispatch import use_triton
-from .lowering import register_cpu_lowering
+from .infra.bits import BITS_PER_BYTE, pack_bits, packed_numel, unpack_bits
+from .infra.dispatch import triton_switch
+from .infra.lowering import register_cpu_lowering
 from .prune_reference import check_keep_ratio, keep_count, samples_and_size
 
 
@@ -47,8 +47,7 @@ def _check_packed(values: torch.Tensor, bits: torch.Tensor, samples: int, n: int
         raise ValueError(f"bits must be uint8[{samples}, {packed_numel(n)}], got {bits.dtype} {tuple(bits.shape)}")
 
 
-def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    return use_triton(t, impl, "prune_triton")
+_use_triton = triton_switch("prune_triton")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from . import prune_native
-from .dispatch import use_triton
-from .lowering import register_cpu_lowering
+from .infra.dispatch import use_triton
+from .infra.lowering import register_cpu_lowering
 from .prune import (
     _check_packed,
     _prune_pack_fake,

@@ -13,8 +13,8 @@ import ctypes
 
 import torch
 
-from . import native
-from .bits import packed_numel
+from .infra import native
+from .infra.bits import packed_numel
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LIBRARY = "prune_cpu"

@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .bits import packed_numel
+from .infra.bits import packed_numel
+from .infra.triton_helpers import SUPPORTED_DTYPES
 from .prune_reference import keep_count, samples_and_size
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INF_KEY = 0x7F800000  # the fp32 bits of +inf; NaN magnitudes are clamped to it
 
 

@@ -16,8 +16,8 @@ import ctypes
 import numpy as np
 import torch
 
-from . import native
-from .bits import packed_numel
+from .infra import native
+from .infra.bits import packed_numel
 
 _LIBRARY = "rng_cpu"
 _TWO_32 = 1 << 32

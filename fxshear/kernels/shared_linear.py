@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import IMPLS
-from .lowering import register_cpu_lowering
+from .infra.dispatch import IMPLS
+from .infra.lowering import register_cpu_lowering
 
 
 def _check(x: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,

@@ -14,27 +14,11 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
+from ..kernels.infra.numbers import FLOAT_DTYPES
 from .base import PASS_META_KEY, PassReport, example_value, excluded, module_types
+from .match import activation_kind, inplace_activation
 
 NAME = "act2bit"
-
-_GELU_TARGETS = {torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default}
-_SILU_TARGETS = {torch.nn.functional.silu, torch._C._nn.silu, torch.ops.aten.silu.default}
-_INPLACE_SILU_TARGETS = {torch._C._nn.silu_, torch.ops.aten.silu_.default}
-_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-
-
-def _match(node: torch.fx.Node) -> tuple[str, str] | None:
-    """(kind, approximate) if the node is a GELU or SiLU call."""
-    if node.op != "call_function":
-        return None
-    if node.target in _GELU_TARGETS:
-        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return "gelu", approximate
-    if node.target in _SILU_TARGETS or node.target in _INPLACE_SILU_TARGETS:
-        return "silu", "none"
-    return None
-
 
 class Act2BitPass:
     """Rewrite GELU/SiLU into ``fxshear::act2bit`` where a gradient flows through them."""
@@ -49,7 +33,7 @@ class Act2BitPass:
         graph = gm.graph
         seen_modules: set[str] = set()
         for node in list(graph.nodes):
-            matched = _match(node)
+            matched = activation_kind(node)
             if matched is None:
                 continue
             seen_modules.update(path for path, _ in module_types(node))
@@ -95,9 +79,7 @@ class Act2BitPass:
     def _why_not(node: torch.fx.Node, kind: str, approximate: str, cfg: ShearConfig) -> str | None:
         if kind not in cfg.act2bit_ops:
             return f"{kind} is not in act2bit_ops"
-        if node.target in _INPLACE_SILU_TARGETS or node.kwargs.get("inplace") or (
-            kind == "silu" and len(node.args) > 1 and node.args[1] is True
-        ):
+        if inplace_activation(node):
             return "in-place activation: its input may be read again after being overwritten"
         if approximate not in ("none", "tanh"):
             return f"unknown GELU approximation {approximate!r}"
@@ -107,7 +89,7 @@ class Act2BitPass:
         value = example_value(node)
         if not isinstance(value, torch.Tensor):
             return "no tensor metadata recorded for this node"
-        if value.dtype not in _FLOAT_DTYPES:
+        if value.dtype not in FLOAT_DTYPES:
             return f"dtype {value.dtype} is not fp32/fp16/bf16"
         if not value.requires_grad:
             return "no gradient flows through it, so nothing is saved for backward"

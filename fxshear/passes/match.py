@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from ..kernels.infra.numbers import FLOAT_DTYPES
 from .base import PASS_META_KEY, example_value
 
 LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
@@ -25,7 +26,6 @@ LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.a
 ADD_FUNCTIONS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
 MUL_FUNCTIONS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
 DIV_FUNCTIONS = (operator.truediv, torch.div, torch.ops.aten.div.Tensor)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default}
 _GELU_FUNCTIONS = {torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default}
 _SILU_FUNCTIONS = {torch.nn.functional.silu, torch._C._nn.silu, torch.ops.aten.silu.default}
@@ -57,7 +57,7 @@ def tensor_value(node: object) -> torch.Tensor | None:
 
 def is_float_tensor(node: object) -> bool:
     value = tensor_value(node)
-    return value is not None and value.dtype in _FLOAT_DTYPES
+    return value is not None and value.dtype in FLOAT_DTYPES
 
 
 def requires_grad(node: object) -> bool:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 
 import torch
 
-from ..options import KERNEL_CHOICES as IMPLS
+from ...options import KERNEL_CHOICES as IMPLS
 
 
 @functools.cache
@@ -38,3 +39,12 @@ def use_triton(t: torch.Tensor, impl: str, module: str) -> bool:
     if impl == "triton" and not triton_usable(module):
         raise RuntimeError("fxshear kernels='triton' was requested but Triton is not usable here")
     return triton_usable(module)
+
+
+def triton_switch(module: str) -> Callable[[torch.Tensor, str], bool]:
+    """``use_triton`` bound to one op family's Triton module: ``switch(t, impl)``."""
+    return functools.partial(_use_triton_of, module)
+
+
+def _use_triton_of(module: str, t: torch.Tensor, impl: str) -> bool:
+    return use_triton(t, impl, module)

@@ -24,9 +24,9 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..log import log
+from ...log import log
 
-_SOURCE_DIR = Path(__file__).resolve().parent
+_SOURCE_DIR = Path(__file__).resolve().parent.parent  # the op families' *.c files sit in kernels/
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPENMP_FLAGS = ("-fopenmp",)
 

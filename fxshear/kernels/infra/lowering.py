@@ -19,8 +19,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..compat import CustomGraphPass, get_hash_for_files, native_random
-from ..sources import fxshear_source_files
+from ...compat import CustomGraphPass, get_hash_for_files, native_random
+from ...sources import fxshear_source_files
 from . import bits as _bits  # noqa: F401  (defines fxshear::unpack_flags, which _share_unpacks merges)
 
 # op overload -> function with the op's own signature, made only of traceable aten math
