@@ -17,3 +17,14 @@ DROPOUT_RNG_CHOICES = ("eager", "fast")
 PRUNE_OP_CHOICES = ("linear", "attention", "softmax")
 #: Activations with a 2-bit backward code (``act2bit``), and with an exact inversion (``act_from_output``).
 ACTIVATION_KINDS = ("gelu", "silu")
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def check_activation(kind: str, approximate: str) -> None:
+    """An activation op's ``kind`` and ``approximate`` arguments, or a ValueError naming the choices."""
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(f"kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    if kind == "silu" and approximate != "none":
+        raise ValueError("SiLU has no approximate form")

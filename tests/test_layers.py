@@ -60,7 +60,8 @@ def test_the_graph_reader_sees_lazy_relative_and_absolute_imports(tmp_path: Path
 
 def test_option_choices_have_one_source() -> None:
     from fxshear import config, options
-    from fxshear.kernels import act2bit_reference, act_from_output_reference, dispatch, dropout_bits
+    from fxshear.kernels import act2bit_reference, act_from_output_reference, dropout_bits
+    from fxshear.kernels.infra import dispatch
 
     assert config.KERNEL_CHOICES is options.KERNEL_CHOICES is dispatch.IMPLS
     assert config.DROPOUT_RNG_CHOICES is options.DROPOUT_RNG_CHOICES is dropout_bits.RNG_CHOICES
@@ -109,3 +110,17 @@ def test_core_imports_and_compiles_without_transformers() -> None:
     result = subprocess.run([sys.executable, "-c", _WITHOUT_TRANSFORMERS], capture_output=True, text=True,
                             timeout=600, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_triton_twins_import_their_reference_not_their_op_module(graph) -> None:  # noqa: ANN001
+    """A Triton twin agrees with its op through the family's reference module; importing the op
+    module itself (which registers the op) is how the twin/op circles came about."""
+    modules, edges = graph
+    twins = [name for name in modules if name.startswith("fxshear.kernels.") and name.endswith("_triton")]
+    assert twins
+    bad = [str(e) for e in edges if e.source in twins and e.target == e.source.removesuffix("_triton")]
+    assert bad == []
+    # Infrastructure imports no op family.
+    families = {name for name in modules if name.startswith("fxshear.kernels.")
+                and not name.startswith("fxshear.kernels.infra")}
+    assert [str(e) for e in edges if e.source.startswith("fxshear.kernels.infra") and e.target in families] == []

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..options import check_activation
 from .act2bit_reference import (
-    GELU_APPROXIMATIONS,
-    KINDS,
     activation_reference,
     backward_reference,
     encode_reference,
@@ -32,13 +31,7 @@ from .infra.dispatch import IMPLS, triton_switch  # noqa: F401  (IMPLS re-export
 _use_triton = triton_switch("act2bit_triton")
 
 
-def _check(kind: str, approximate: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
-    if kind == "silu" and approximate != "none":
-        raise ValueError("SiLU has no approximate form")
+_check = check_activation
 
 
 @torch.library.custom_op("fxshear::act2bit", mutates_args=())

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import GELU_APPROXIMATIONS  # noqa: F401  (the one list, re-exported)
+
 
 @dataclass(frozen=True)
 class StepDerivative:
@@ -41,7 +43,6 @@ SILU_STEPS = StepDerivative(
 )
 STEPS: dict[str, StepDerivative] = {"gelu": GELU_STEPS, "silu": SILU_STEPS}
 KINDS = tuple(STEPS)
-GELU_APPROXIMATIONS = ("none", "tanh")
 CODES_PER_BYTE = 4
 
 

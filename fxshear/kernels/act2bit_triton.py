@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fxshear.kernels.infra.numbers import fp32
-from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to, grid_1d
+from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to, check_packed, grid_1d
 from fxshear.kernels.act2bit_reference import (
     CODES_PER_BYTE,
     GELU_APPROXIMATIONS,
@@ -191,13 +191,7 @@ def act2bit_backward_triton(grad: torch.Tensor, packed: torch.Tensor, kind: str)
     _check_float_tensor(grad, "grad")
     numel = grad.numel()
     num_bytes = packed_numel(numel)
-    if packed.dtype != torch.uint8 or packed.numel() != num_bytes:
-        raise ValueError(
-            f"packed must be uint8 with {num_bytes} elements ({CODES_PER_BYTE} codes per byte "
-            f"for {numel} gradients), got {packed.dtype} with {packed.numel()}"
-        )
-    if packed.device != grad.device:
-        raise ValueError(f"packed is on {packed.device} but grad is on {grad.device}")
+    check_packed(packed, grad, num_bytes, f"{CODES_PER_BYTE} codes per byte")
 
     dx = torch.empty_like(grad)
     if numel == 0:

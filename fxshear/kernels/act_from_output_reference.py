@@ -13,13 +13,12 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from ..options import ACTIVATION_KINDS
+from ..options import ACTIVATION_KINDS, GELU_APPROXIMATIONS, check_activation  # noqa: F401  (re-exported)
 from .infra.numbers import FLOAT_DTYPES
 from .infra.numbers import fp32 as _f32
 from .infra.bits import BITS_PER_BYTE, packed_numel  # noqa: F401  (the flag format, re-exported)
 
 KINDS = ACTIVATION_KINDS
-GELU_APPROXIMATIONS = ("none", "tanh")
 FLAGS_PER_BYTE = BITS_PER_BYTE
 TRITON_MODULE = "act_from_output_triton"
 TRITON_DTYPES = FLOAT_DTYPES
@@ -131,13 +130,7 @@ INVERSIONS_F64: dict[tuple[str, str], Inversion] = {
 INVERSIONS: dict[tuple[str, str], Inversion] = {key: inv.fp32() for key, inv in INVERSIONS_F64.items()}
 
 
-def check_args(kind: str, approximate: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
-    if kind == "silu" and approximate != "none":
-        raise ValueError("SiLU has no approximate form")
+check_args = check_activation
 
 
 def inversion(kind: str, approximate: str) -> Inversion:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fxshear.kernels.infra.numbers import fp32 as _fp32
-from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to, grid_1d
+from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to, check_packed, grid_1d
 from fxshear.kernels.infra.bits import BITS_PER_BYTE, packed_numel
 
 # 512 bytes = 4096 elements per program, 16 elements per thread with 8 warps on a GPU.
@@ -90,13 +90,7 @@ def dropout_backward_triton(grad: torch.Tensor, packed: torch.Tensor, p: float) 
         raise ValueError(f"grad must be one of {SUPPORTED_DTYPES}, got {grad.dtype}")
     numel = grad.numel()
     num_bytes = packed_numel(numel)
-    if packed.dtype != torch.uint8 or packed.numel() != num_bytes:
-        raise ValueError(
-            f"packed must be uint8 with {num_bytes} elements ({BITS_PER_BYTE} bits per byte for "
-            f"{numel} gradients), got {packed.dtype} with {packed.numel()}"
-        )
-    if packed.device != grad.device:
-        raise ValueError(f"packed is on {packed.device} but grad is on {grad.device}")
+    check_packed(packed, grad, num_bytes, f"{BITS_PER_BYTE} bits per byte")
 
     dx = torch.empty_like(grad)
     if numel == 0:

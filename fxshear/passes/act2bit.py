@@ -15,12 +15,12 @@ import torch.fx
 
 from ..config import ShearConfig
 from ..kernels.infra.numbers import FLOAT_DTYPES
-from .base import PASS_META_KEY, PassReport, example_value, excluded, module_types
-from .match import activation_kind, inplace_activation
+from .base import PASS_META_KEY, PassReport, RewritePass, Walk, example_value, module_types
+from .match import activation_blocker, activation_kind
 
 NAME = "act2bit"
 
-class Act2BitPass:
+class Act2BitPass(RewritePass[tuple[str, str]]):
     """Rewrite GELU/SiLU into ``fxshear::act2bit`` where a gradient flows through them."""
 
     name = NAME
@@ -28,40 +28,34 @@ class Act2BitPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.act2bit and bool(cfg.act2bit_ops)
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        graph = gm.graph
-        seen_modules: set[str] = set()
-        for node in list(graph.nodes):
-            matched = activation_kind(node)
-            if matched is None:
-                continue
-            seen_modules.update(path for path, _ in module_types(node))
-            kind, approximate = matched
-            reason = self._why_not(node, kind, approximate, cfg)
-            if reason:
-                report.skip(node, reason)
-                continue
-            source = node.args[0] if node.args else node.kwargs["input"]
-            with graph.inserting_after(node):
-                fused = graph.call_function(
-                    torch.ops.fxshear.act2bit.default, (source, kind, approximate, _impl(cfg))
-                )
-            with graph.inserting_after(fused):
-                output = graph.call_function(operator.getitem, (fused, 0))
-            for new in (fused, output):
-                new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
-                new.meta[PASS_META_KEY] = self.name
-            value = example_value(node)
-            if value is not None:
-                output.meta["example_value"] = value
-            node.replace_all_uses_with(output)
-            graph.erase_node(node)
-            report.rewritten.append(f"{node.name} ({kind}{'' if approximate == 'none' else ', tanh'})")
-        self._note_unmatched_modules(graph, seen_modules, report)
-        graph.lint()
-        gm.recompile()
-        return report
+    def match(self, walk: Walk, node: torch.fx.Node) -> tuple[str, str] | None:
+        found = activation_kind(node)
+        if found is not None:
+            walk.state.setdefault("seen_modules", set()).update(path for path, _ in module_types(node))
+        return found
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: tuple[str, str]) -> str:
+        kind, approximate = found
+        graph = walk.graph
+        source = node.args[0] if node.args else node.kwargs["input"]
+        with graph.inserting_after(node):
+            fused = graph.call_function(
+                torch.ops.fxshear.act2bit.default, (source, kind, approximate, _impl(walk.cfg))
+            )
+        with graph.inserting_after(fused):
+            output = graph.call_function(operator.getitem, (fused, 0))
+        for new in (fused, output):
+            new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+            new.meta[PASS_META_KEY] = self.name
+        value = example_value(node)
+        if value is not None:
+            output.meta["example_value"] = value
+        node.replace_all_uses_with(output)
+        graph.erase_node(node)
+        return f"{node.name} ({kind}{'' if approximate == 'none' else ', tanh'})"
+
+    def finish(self, walk: Walk) -> None:
+        self._note_unmatched_modules(walk.graph, walk.state.get("seen_modules", set()), walk.report)
 
     @staticmethod
     def _note_unmatched_modules(graph: torch.fx.Graph, seen: set[str], report: PassReport) -> None:
@@ -75,17 +69,14 @@ class Act2BitPass:
         for path, type_name in unmatched.items():
             report.note(f"{path} ({type_name}) computes its activation from elementary ops; not matched")
 
-    @staticmethod
-    def _why_not(node: torch.fx.Node, kind: str, approximate: str, cfg: ShearConfig) -> str | None:
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: tuple[str, str]) -> str | None:
+        kind, approximate = found
+        cfg = walk.cfg
         if kind not in cfg.act2bit_ops:
             return f"{kind} is not in act2bit_ops"
-        if inplace_activation(node):
-            return "in-place activation: its input may be read again after being overwritten"
-        if approximate not in ("none", "tanh"):
-            return f"unknown GELU approximation {approximate!r}"
-        pattern = excluded(node, cfg)
-        if pattern:
-            return f"module excluded by pattern {pattern!r}"
+        reason = activation_blocker(node, approximate, cfg)
+        if reason:
+            return reason
         value = example_value(node)
         if not isinstance(value, torch.Tensor):
             return "no tensor metadata recorded for this node"

@@ -18,12 +18,12 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded
+from .base import RewritePass, Walk
 from .match import (
+    activation_blocker,
     activation_kind,
     argument,
     call,
-    inplace_activation,
     is_float_tensor,
     is_function,
     linear_consumers,
@@ -50,7 +50,7 @@ def feeds_trainable_linear(node: torch.fx.Node) -> bool:
                and requires_grad(user.args[4]) for user in node.users)
 
 
-class ActFromOutputPass:
+class ActFromOutputPass(RewritePass[tuple[str, str]]):
     """Rewrite GELU/SiLU whose output a Linear saves into ``fxshear::act_from_output``."""
 
     name = NAME
@@ -58,39 +58,27 @@ class ActFromOutputPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.act_from_output != "off"
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        graph = gm.graph
-        for node in list(graph.nodes):
-            matched = activation_kind(node)
-            if matched is None:
-                continue
-            kind, approximate = matched
-            reason = self._why_not(node, kind, approximate, cfg)
-            if reason:
-                report.skip(node, reason)
-                continue
-            source = argument(node, 0, "input")
-            with graph.inserting_before(node):
-                fused = call(graph, torch.ops.fxshear.act_from_output.default,
-                             (source, kind, approximate, cfg.kernels), like=node, pass_name=self.name)
-            y, _ = outputs(graph, fused, 2, like=node, pass_name=self.name)
-            node.replace_all_uses_with(y)
-            graph.erase_node(node)
-            report.rewritten.append(f"{node.name} ({kind}{'' if approximate == 'none' else ', tanh'})")
-        graph.lint()
-        gm.recompile()
-        return report
+    def match(self, walk: Walk, node: torch.fx.Node) -> tuple[str, str] | None:
+        return activation_kind(node)
 
-    @staticmethod
-    def _why_not(node: torch.fx.Node, kind: str, approximate: str, cfg: ShearConfig) -> str | None:
-        if inplace_activation(node):
-            return "in-place activation: its input may be read again after being overwritten"
-        if approximate not in ("none", "tanh"):
-            return f"unknown GELU approximation {approximate!r}"
-        pattern = excluded(node, cfg)
-        if pattern:
-            return f"module excluded by pattern {pattern!r}"
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: tuple[str, str]) -> str:
+        kind, approximate = found
+        graph = walk.graph
+        source = argument(node, 0, "input")
+        with graph.inserting_before(node):
+            fused = call(graph, torch.ops.fxshear.act_from_output.default,
+                         (source, kind, approximate, walk.cfg.kernels), like=node, pass_name=self.name)
+        y, _ = outputs(graph, fused, 2, like=node, pass_name=self.name)
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+        return f"{node.name} ({kind}{'' if approximate == 'none' else ', tanh'})"
+
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: tuple[str, str]) -> str | None:
+        kind, approximate = found
+        cfg = walk.cfg
+        reason = activation_blocker(node, approximate, cfg)
+        if reason:
+            return reason
         if not is_float_tensor(node):
             return "not an fp32/fp16/bf16 tensor"
         if not requires_grad(node):

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded
+from .base import RewritePass, Walk, excluded
 from .match import ADD_FUNCTIONS, DIV_FUNCTIONS, MUL_FUNCTIONS, argument, call, dropout_arguments, is_float_tensor, is_function, is_method, only_user, outputs, requires_grad, tensor_value
 
 NAME = "attention"
@@ -202,7 +202,7 @@ def match_sdpa(node: torch.fx.Node) -> AttentionMatch | str | None:
                           boolean_mask=boolean_mask, causal=is_causal, kv_groups=kv_groups)
 
 
-class AttentionPass:
+class AttentionPass(RewritePass[AttentionMatch]):
     """Rewrite eager attention into ``fxshear::attention`` (probabilities recomputed in backward)."""
 
     name = NAME
@@ -210,65 +210,51 @@ class AttentionPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.attention_recompute
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        graph = gm.graph
-        for node in list(graph.nodes):
-            if node.graph is not graph:
-                continue
-            found = match_attention(node) or match_sdpa(node)
-            if found is None:
-                continue
-            if isinstance(found, str):
-                report.skip(node, found)
-                continue
-            reason = self._why_not(found, cfg)
-            if reason:
-                report.skip(node, reason)
-                continue
-            out = found.output
-            with graph.inserting_before(out):
-                if found.kv_groups > 1:  # SDPA's enable_gqa: each k/v head serves kv_groups query heads
-                    found.k, found.v = (call(graph, torch.repeat_interleave, (node, found.kv_groups),
-                                             kwargs={"dim": -3}, like=out, pass_name=self.name)
-                                        for node in (found.k, found.v))
-                mask = found.mask
-                if found.boolean_mask:
-                    # True = attend.  finfo.min rather than -inf: the same probabilities wherever a
-                    # row attends to something; a row that attends to nothing comes out uniform
-                    # (as eager attention's additive masks give) rather than NaN.
-                    mask = call(graph, torch.where, (mask, 0.0, torch.finfo(torch.float32).min), like=out,
-                                pass_name=self.name)
-                if found.causal:  # query i attends keys j <= i, as SDPA's is_causal does
-                    sq, sk = tensor_value(found.q).shape[-2], tensor_value(found.k).shape[-2]
-                    full = call(graph, torch.full, ((sq, sk), torch.finfo(torch.float32).min),
-                                kwargs={"dtype": torch.float32, "device": tensor_value(found.q).device},
-                                like=out, pass_name=self.name)
-                    mask = call(graph, torch.triu, (full,), kwargs={"diagonal": 1}, like=out, pass_name=self.name)
-                bits = None
-                if found.dropout_p > 0:
-                    # Drawn where eager's dropout draws (after the scores, before anything after
-                    # the attention), so the generator is used in eager's order.
-                    bits = call(graph, torch.ops.fxshear.attention_dropout_draw.default,
-                                (found.q, found.k, found.dropout_p, cfg.kernels, cfg.dropout_rng), like=out,
-                                pass_name=self.name)
-                fused = call(graph, torch.ops.fxshear.attention.default,
-                             (found.q, found.k, found.v, mask, bits, found.scale, found.dropout_p,
-                              cfg.kernels), like=out, pass_name=self.name)
-            result = outputs(graph, fused, 2, like=out, pass_name=self.name)[0]
-            out.replace_all_uses_with(result)
-            for dead in reversed(found.chain):
-                graph.erase_node(dead)
-            transposed_users = [u for u in found.k.users if _key_of(u) is found.k and not u.users]
-            for dead in transposed_users:
-                graph.erase_node(dead)
-            report.rewritten.append(f"{out.name} (dropout p={found.dropout_p:g})")
-        graph.lint()
-        gm.recompile()
-        return report
+    def match(self, walk: Walk, node: torch.fx.Node) -> AttentionMatch | str | None:
+        return match_attention(node) or match_sdpa(node)
 
-    @staticmethod
-    def _why_not(found: AttentionMatch, cfg: ShearConfig) -> str | None:
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: AttentionMatch) -> str:
+        graph, cfg = walk.graph, walk.cfg
+        out = found.output
+        with graph.inserting_before(out):
+            if found.kv_groups > 1:  # SDPA's enable_gqa: each k/v head serves kv_groups query heads
+                found.k, found.v = (call(graph, torch.repeat_interleave, (node, found.kv_groups),
+                                         kwargs={"dim": -3}, like=out, pass_name=self.name)
+                                    for node in (found.k, found.v))
+            mask = found.mask
+            if found.boolean_mask:
+                # True = attend.  finfo.min rather than -inf: the same probabilities wherever a
+                # row attends to something; a row that attends to nothing comes out uniform
+                # (as eager attention's additive masks give) rather than NaN.
+                mask = call(graph, torch.where, (mask, 0.0, torch.finfo(torch.float32).min), like=out,
+                            pass_name=self.name)
+            if found.causal:  # query i attends keys j <= i, as SDPA's is_causal does
+                sq, sk = tensor_value(found.q).shape[-2], tensor_value(found.k).shape[-2]
+                full = call(graph, torch.full, ((sq, sk), torch.finfo(torch.float32).min),
+                            kwargs={"dtype": torch.float32, "device": tensor_value(found.q).device},
+                            like=out, pass_name=self.name)
+                mask = call(graph, torch.triu, (full,), kwargs={"diagonal": 1}, like=out, pass_name=self.name)
+            bits = None
+            if found.dropout_p > 0:
+                # Drawn where eager's dropout draws (after the scores, before anything after
+                # the attention), so the generator is used in eager's order.
+                bits = call(graph, torch.ops.fxshear.attention_dropout_draw.default,
+                            (found.q, found.k, found.dropout_p, cfg.kernels, cfg.dropout_rng), like=out,
+                            pass_name=self.name)
+            fused = call(graph, torch.ops.fxshear.attention.default,
+                         (found.q, found.k, found.v, mask, bits, found.scale, found.dropout_p,
+                          cfg.kernels), like=out, pass_name=self.name)
+        result = outputs(graph, fused, 2, like=out, pass_name=self.name)[0]
+        out.replace_all_uses_with(result)
+        for dead in reversed(found.chain):
+            graph.erase_node(dead)
+        transposed_users = [u for u in found.k.users if _key_of(u) is found.k and not u.users]
+        for dead in transposed_users:
+            graph.erase_node(dead)
+        return f"{out.name} (dropout p={found.dropout_p:g})"
+
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: AttentionMatch) -> str | None:
+        cfg = walk.cfg
         pattern = excluded(found.output, cfg)
         if pattern:
             return f"module excluded by pattern {pattern!r}"

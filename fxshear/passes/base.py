@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch.fx
 
@@ -69,6 +69,81 @@ class GraphPass(Protocol):
 
     def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
         """Rewrite ``gm`` in place and report what changed."""
+
+
+Found = TypeVar("Found")
+
+
+@dataclass
+class Walk:
+    """One run of a pass over one graph: what its hooks share (passes are stateless singletons)."""
+
+    gm: torch.fx.GraphModule
+    cfg: ShearConfig
+    report: PassReport
+    phase: str = ""
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.gm.graph
+
+
+class RewritePass(Generic[Found]):
+    """A pass as three answers; the base owns the walk, the report, the lint and the recompile.
+
+    For every node still in the graph (in order, once per entry of ``phases``):
+    :meth:`match` says whether it is this pass's pattern (``None``: not ours; a string: ours, but
+    unusable, and why); :meth:`why_not` gives the reasons the config or the context forbid the
+    rewrite; :meth:`rewrite` makes it and returns the line for the report (``None`` when the
+    rewrite is left to :meth:`finish`, e.g. a group rewritten once for several nodes).  Why a
+    base: every pass repeated that loop, and a skipped node then had one reason in one pass and
+    none in another.
+    """
+
+    name: str = ""
+    phases: tuple[str, ...] = ("",)
+
+    def applies(self, cfg: ShearConfig) -> bool:
+        return True
+
+    def match(self, walk: Walk, node: torch.fx.Node) -> Found | str | None:
+        raise NotImplementedError
+
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: Found) -> str | None:
+        return None
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: Found) -> str | None:
+        raise NotImplementedError
+
+    def finish(self, walk: Walk) -> None:
+        """After the walk: rewrites collected across nodes, notes about what never matched."""
+
+    def reported_node(self, node: torch.fx.Node, found: Found | str) -> torch.fx.Node:
+        """The node a skip is reported against (the pattern's visible output, by default the match)."""
+        return node
+
+    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+        walk = Walk(gm, cfg, PassReport(self.name))
+        for phase in self.phases:
+            walk.phase = phase
+            for node in list(gm.graph.nodes):
+                if node.graph is not gm.graph or getattr(node, "_erased", False):
+                    continue  # removed by an earlier rewrite of this walk
+                found = self.match(walk, node)
+                if found is None:
+                    continue
+                reason = found if isinstance(found, str) else self.why_not(walk, node, found)
+                if reason:
+                    walk.report.skip(self.reported_node(node, found), reason)
+                    continue
+                line = self.rewrite(walk, node, found)
+                if line:
+                    walk.report.rewritten.append(line)
+        self.finish(walk)
+        gm.graph.lint()
+        gm.recompile()
+        return walk.report
 
 
 def module_types(node: torch.fx.Node) -> list[tuple[str, str]]:

@@ -14,12 +14,13 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded
+from .base import RewritePass, Walk, excluded
 from .match import call, dropout_arguments, is_float_tensor
 
 NAME = "dropout_bits"
 
-class DropoutBitsPass:
+
+class DropoutBitsPass(RewritePass[tuple[torch.fx.Node, object, object, object]]):
     """Rewrite training-mode dropout into ``fxshear::dropout_draw`` + ``fxshear::dropout_apply``."""
 
     name = NAME
@@ -27,33 +28,11 @@ class DropoutBitsPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.dropout_bits
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        graph = gm.graph
-        for node in list(graph.nodes):
-            parts = dropout_arguments(node)
-            if parts is None:
-                continue
-            x, p, training, inplace = parts
-            reason = self._why_not(node, x, p, training, inplace, cfg)
-            if reason:
-                report.skip(node, reason)
-                continue
-            with graph.inserting_before(node):
-                bits = call(graph, torch.ops.fxshear.dropout_draw.default,
-                            (x, float(p), cfg.kernels, cfg.dropout_rng), like=node, pass_name=self.name)
-                y = call(graph, torch.ops.fxshear.dropout_apply.default, (x, bits, float(p), cfg.kernels),
-                         like=node, pass_name=self.name)
-            node.replace_all_uses_with(y)
-            graph.erase_node(node)
-            report.rewritten.append(f"{node.name} (p={float(p):g})")
-        graph.lint()
-        gm.recompile()
-        return report
+    def match(self, walk: Walk, node: torch.fx.Node) -> tuple[torch.fx.Node, object, object, object] | None:
+        return dropout_arguments(node)
 
-    @staticmethod
-    def _why_not(node: torch.fx.Node, x: object, p: object, training: object, inplace: object,
-                 cfg: ShearConfig) -> str | None:
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: tuple[torch.fx.Node, object, object, object]) -> str | None:
+        x, p, training, inplace = found
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not isinstance(training, bool):
             return "p or training is not a constant"
         if not training or p == 0:
@@ -62,7 +41,7 @@ class DropoutBitsPass:
             return "in-place dropout"
         if not 0 < p < 1:
             return f"p={p} outside (0, 1)"
-        pattern = excluded(node, cfg)
+        pattern = excluded(node, walk.cfg)
         if pattern:
             return f"module excluded by pattern {pattern!r}"
         if not is_float_tensor(x):
@@ -70,3 +49,15 @@ class DropoutBitsPass:
         # Dropouts no gradient flows through are rewritten too: they save nothing either way, but
         # left to Inductor they would draw from its generator and shift every later mask.
         return None
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: tuple[torch.fx.Node, object, object, object]) -> str:
+        x, p, _, _ = found
+        graph, cfg = walk.graph, walk.cfg
+        with graph.inserting_before(node):
+            bits = call(graph, torch.ops.fxshear.dropout_draw.default,
+                        (x, float(p), cfg.kernels, cfg.dropout_rng), like=node, pass_name=self.name)
+            y = call(graph, torch.ops.fxshear.dropout_apply.default, (x, bits, float(p), cfg.kernels),
+                     like=node, pass_name=self.name)
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+        return f"{node.name} (p={float(p):g})"

@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded
+from .base import RewritePass, Walk, excluded
 from .match import argument, call, is_function, is_method, linear_parts, outputs, requires_grad, tensor_value
 
 NAME = "fused_loss"
@@ -35,7 +35,11 @@ _CASTS = ("float", "to", "contiguous")
 _RESHAPES = ("view", "reshape")
 
 
-class FusedLossPass:
+#: (the head Linear, the steps between it and the loss, logits in fp32, whether the logits have other users)
+_LossMatch = tuple[torch.fx.Node, list[torch.fx.Node], bool, bool]
+
+
+class FusedLossPass(RewritePass[_LossMatch]):
     """Rewrite lm-head + cross-entropy into ``fxshear::linear_cross_entropy``."""
 
     name = NAME
@@ -43,71 +47,65 @@ class FusedLossPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.fused_loss
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
+    def match(self, walk: Walk, node: torch.fx.Node) -> _LossMatch | str | None:
+        if not is_function(node, *_CROSS_ENTROPY):
+            return None
+        return self._match(node, walk.cfg)
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: _LossMatch) -> str:
         from ..kernels.linear_cross_entropy import default_chunk_size
 
-        report = PassReport(self.name)
-        graph = gm.graph
-        for node in list(graph.nodes):
-            if not is_function(node, *_CROSS_ENTROPY):
-                continue
-            found = self._match(node, cfg)
-            if isinstance(found, str):
-                report.skip(node, found)
-                continue
-            linear, steps, logits_fp32, extra_users = found
-            hidden, weight, bias = linear_parts(linear)
-            target = argument(node, 1, "target")
-            ignore_index = argument(node, 4, "ignore_index", -100)
-            reduction = argument(node, 6, "reduction", "mean")
-            smoothing = float(argument(node, 7, "label_smoothing", 0.0))
-            class_weight = argument(node, 2, "weight")
-            hidden_value, weight_value = tensor_value(hidden), tensor_value(weight)
-            # Rows per chunk depend on the vocabulary only (the token count may be dynamic).
-            chunk = default_chunk_size(weight_value.shape[0], logits_fp32, hidden_value.dtype,
-                                       device=hidden_value.device)
-            if extra_users:
-                # The returned logits stay a differentiable output; usually nobody backpropagates
-                # through them and AOTAutograd feeds their backward zeros.  returned_linear skips
-                # its matmuls for an all-zero gradient (and is F.linear's backward otherwise).
-                with graph.inserting_before(linear):
-                    head = call(graph, torch.ops.fxshear.returned_linear.default, (hidden, weight, bias),
-                                like=linear, pass_name=self.name)
-                linear.replace_all_uses_with(head)
-                graph.erase_node(linear)
-                linear = head
-            with graph.inserting_before(node):
-                # The slices and reshapes between the head and the loss act on the token
-                # dimensions only, so they are replayed on the hidden states.
-                rows = call(graph, torch.reshape,
-                            (self._replay(graph, steps, hidden, hidden_value.shape[-1], linear),
-                             (-1, hidden_value.shape[-1])),
+        graph, cfg = walk.graph, walk.cfg
+        linear, steps, logits_fp32, extra_users = found
+        hidden, weight, bias = linear_parts(linear)
+        target = argument(node, 1, "target")
+        ignore_index = argument(node, 4, "ignore_index", -100)
+        reduction = argument(node, 6, "reduction", "mean")
+        smoothing = float(argument(node, 7, "label_smoothing", 0.0))
+        class_weight = argument(node, 2, "weight")
+        hidden_value, weight_value = tensor_value(hidden), tensor_value(weight)
+        # Rows per chunk depend on the vocabulary only (the token count may be dynamic).
+        chunk = default_chunk_size(weight_value.shape[0], logits_fp32, hidden_value.dtype,
+                                   device=hidden_value.device)
+        if extra_users:
+            # The returned logits stay a differentiable output; usually nobody backpropagates
+            # through them and AOTAutograd feeds their backward zeros.  returned_linear skips
+            # its matmuls for an all-zero gradient (and is F.linear's backward otherwise).
+            with graph.inserting_before(linear):
+                head = call(graph, torch.ops.fxshear.returned_linear.default, (hidden, weight, bias),
                             like=linear, pass_name=self.name)
-                # Returned logits are computed anyway: the op copies its chunks from them rather
-                # than repeating the vocabulary matmul (it still saves none of them).
-                given_logits = (call(graph, torch.reshape,
-                                     (self._replay(graph, steps, linear, weight_value.shape[0], linear),
-                                      (-1, weight_value.shape[0])),
-                                     like=linear, pass_name=self.name) if extra_users else None)
-                fused = call(graph, torch.ops.fxshear.linear_cross_entropy.default,
-                             (rows, weight, bias, target, int(ignore_index), smoothing, reduction,
-                              chunk, logits_fp32,
-                              requires_grad(hidden), requires_grad(weight), cfg.kernels, given_logits,
-                              class_weight),
-                             like=node, pass_name=self.name)
-            loss = outputs(graph, fused, 4, like=node, pass_name=self.name)[0]
-            node.replace_all_uses_with(loss)
-            graph.erase_node(node)
-            for dead in reversed(steps):
-                if not dead.users:
-                    graph.erase_node(dead)
-            note = ("; the logits are still computed for their other use (and read from there), but not saved"
-                    if extra_users else "")
-            weighted = ", class weights" if class_weight is not None else ""
-            report.rewritten.append(f"{node.name} (vocab {weight_value.shape[0]}, {reduction}{weighted}){note}")
-        graph.lint()
-        gm.recompile()
-        return report
+            linear.replace_all_uses_with(head)
+            graph.erase_node(linear)
+            linear = head
+        with graph.inserting_before(node):
+            # The slices and reshapes between the head and the loss act on the token
+            # dimensions only, so they are replayed on the hidden states.
+            rows = call(graph, torch.reshape,
+                        (self._replay(graph, steps, hidden, hidden_value.shape[-1], linear),
+                         (-1, hidden_value.shape[-1])),
+                        like=linear, pass_name=self.name)
+            # Returned logits are computed anyway: the op copies its chunks from them rather
+            # than repeating the vocabulary matmul (it still saves none of them).
+            given_logits = (call(graph, torch.reshape,
+                                 (self._replay(graph, steps, linear, weight_value.shape[0], linear),
+                                  (-1, weight_value.shape[0])),
+                                 like=linear, pass_name=self.name) if extra_users else None)
+            fused = call(graph, torch.ops.fxshear.linear_cross_entropy.default,
+                         (rows, weight, bias, target, int(ignore_index), smoothing, reduction,
+                          chunk, logits_fp32,
+                          requires_grad(hidden), requires_grad(weight), cfg.kernels, given_logits,
+                          class_weight),
+                         like=node, pass_name=self.name)
+        loss = outputs(graph, fused, 4, like=node, pass_name=self.name)[0]
+        node.replace_all_uses_with(loss)
+        graph.erase_node(node)
+        for dead in reversed(steps):
+            if not dead.users:
+                graph.erase_node(dead)
+        note = ("; the logits are still computed for their other use (and read from there), but not saved"
+                if extra_users else "")
+        weighted = ", class weights" if class_weight is not None else ""
+        return f"{node.name} (vocab {weight_value.shape[0]}, {reduction}{weighted}){note}"
 
     def _replay(self, graph: torch.fx.Graph, steps: list[torch.fx.Node], start: torch.fx.Node, last_dim: int,
                 like: torch.fx.Node) -> torch.fx.Node:
@@ -122,7 +120,7 @@ class FusedLossPass:
                                pass_name=self.name)
         return current
 
-    def _match(self, node: torch.fx.Node, cfg: ShearConfig) -> tuple[torch.fx.Node, bool, bool] | str:
+    def _match(self, node: torch.fx.Node, cfg: ShearConfig) -> _LossMatch | str:
         for index, name in ((3, "size_average"), (5, "reduce")):
             if argument(node, index, name) is not None:
                 return f"cross_entropy's deprecated {name} argument is not supported"

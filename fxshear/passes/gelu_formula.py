@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded
+from .base import RewritePass, Walk, excluded
 from .match import (
     ADD_FUNCTIONS,
     DIV_FUNCTIONS,
@@ -161,7 +161,11 @@ def _unwanted(cfg: ShearConfig, kind: str, dtype: torch.dtype) -> str | None:
     return f"no activation pass rewrites a {kind} in {str(dtype).removeprefix('torch.')} under this config"
 
 
-class GeluFormulaPass:
+#: (final node, x, kind, approximate, nodes replaced)
+_Formula = tuple[torch.fx.Node, torch.fx.Node, str, str, list[torch.fx.Node]]
+
+
+class GeluFormulaPass(RewritePass[_Formula]):
     """Replace hand-written GELU/SiLU formulas by ``F.gelu`` / ``F.silu``."""
 
     name = NAME
@@ -169,45 +173,39 @@ class GeluFormulaPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.act2bit or cfg.act_from_output != "off"
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        graph = gm.graph
-        for node in list(graph.nodes):
-            if node.graph is not graph:
-                continue
-            found = self._match(node)
-            if found is None:
-                continue
-            final, x, kind, approximate, chain = found
-            pattern = excluded(final, cfg)
-            if pattern:
-                report.skip(final, f"module excluded by pattern {pattern!r}")
-                continue
-            if not is_float_tensor(x):
-                report.skip(final, "input is not an fp32/fp16/bf16 tensor")
-                continue
-            reason = _unwanted(cfg, kind, tensor_value(x).dtype)
-            if reason:
-                report.skip(final, reason)
-                continue
-            with graph.inserting_before(final):
-                if kind == "gelu":
-                    new = call(graph, torch.nn.functional.gelu, (x,), kwargs={"approximate": approximate},
-                               like=final, pass_name=self.name)
-                else:
-                    new = call(graph, torch.nn.functional.silu, (x,), like=final, pass_name=self.name)
-            final.replace_all_uses_with(new)
-            for dead in reversed(chain):
-                if not dead.users:
-                    graph.erase_node(dead)
-            label = kind if kind == "silu" else f"gelu, {'tanh' if approximate == 'tanh' else 'erf'}"
-            report.rewritten.append(f"{final.name} ({label} formula)")
-        graph.lint()
-        gm.recompile()
-        return report
+    def match(self, walk: Walk, node: torch.fx.Node) -> _Formula | None:
+        return self._match(node)
+
+    def reported_node(self, node: torch.fx.Node, found: _Formula | str) -> torch.fx.Node:
+        return node if isinstance(found, str) else found[0]
+
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: _Formula) -> str | None:
+        final, x, kind, _, _ = found
+        pattern = excluded(final, walk.cfg)
+        if pattern:
+            return f"module excluded by pattern {pattern!r}"
+        if not is_float_tensor(x):
+            return "input is not an fp32/fp16/bf16 tensor"
+        return _unwanted(walk.cfg, kind, tensor_value(x).dtype)
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: _Formula) -> str:
+        final, x, kind, approximate, chain = found
+        graph = walk.graph
+        with graph.inserting_before(final):
+            if kind == "gelu":
+                new = call(graph, torch.nn.functional.gelu, (x,), kwargs={"approximate": approximate},
+                           like=final, pass_name=self.name)
+            else:
+                new = call(graph, torch.nn.functional.silu, (x,), like=final, pass_name=self.name)
+        final.replace_all_uses_with(new)
+        for dead in reversed(chain):
+            if not dead.users:
+                graph.erase_node(dead)
+        label = kind if kind == "silu" else f"gelu, {'tanh' if approximate == 'tanh' else 'erf'}"
+        return f"{final.name} ({label} formula)"
 
     @staticmethod
-    def _match(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, str, str, list[torch.fx.Node]] | None:
+    def _match(node: torch.fx.Node) -> _Formula | None:
         """(final node, x, kind, approximate, nodes replaced) for a formula starting at ``node``."""
         sigmoid_of = _unary(node, _SIGMOID, "sigmoid")
         if sigmoid_of is not None:  # x * sigmoid(x)

@@ -18,7 +18,9 @@ import torch
 import torch.fx
 
 from ..kernels.infra.numbers import FLOAT_DTYPES
-from .base import PASS_META_KEY, example_value
+from ..config import ShearConfig
+from ..options import GELU_APPROXIMATIONS
+from .base import PASS_META_KEY, example_value, excluded
 
 LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
 # The spellings of a binary op Dynamo may record as a call_function (``a * b``, ``torch.mul``,
@@ -210,3 +212,16 @@ def activation_kind(node: object) -> tuple[str, str] | None:
 def inplace_activation(node: torch.fx.Node) -> bool:
     return bool(node.target in INPLACE_SILU_FUNCTIONS or node.kwargs.get("inplace")
                 or (node.target in _SILU_FUNCTIONS and len(node.args) > 1 and node.args[1] is True))
+
+
+def activation_blocker(node: torch.fx.Node, approximate: str, cfg: ShearConfig) -> str | None:
+    """Why no activation rewrite may touch this GELU/SiLU: in place, an unknown approximation,
+    or a module the user excluded (the checks every activation pass makes first)."""
+    if inplace_activation(node):
+        return "in-place activation: its input may be read again after being overwritten"
+    if approximate not in GELU_APPROXIMATIONS:
+        return f"unknown GELU approximation {approximate!r}"
+    pattern = excluded(node, cfg)
+    if pattern:
+        return f"module excluded by pattern {pattern!r}"
+    return None

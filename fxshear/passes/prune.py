@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded, module_path
+from .base import RewritePass, Walk, excluded, module_path
 from .match import LINEAR_FUNCTIONS, call, is_float_tensor, linear_parts, outputs, requires_grad, tensor_value
 
 NAME = "prune"
@@ -83,7 +83,7 @@ def why_input_is_kept(x: torch.fx.Node, saving: set[object], harmless: set[objec
     return None
 
 
-class PrunePass:
+class PrunePass(RewritePass[tuple[torch.fx.Node, torch.fx.Node, object]]):
     """Rewrite Linears whose input is kept only for their weight gradient into pruned Linears."""
 
     name = NAME
@@ -91,19 +91,17 @@ class PrunePass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.prune and "linear" in cfg.prune_ops
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        graph = gm.graph
-        groups: dict[tuple[torch.fx.Node, float], list[torch.fx.Node]] = defaultdict(list)
-        for node in list(graph.nodes):
-            parts = linear_parts(node)
-            if parts is None:
-                continue
-            reason = self._why_not(node, parts, cfg)
-            if reason:
-                report.skip(node, reason)
-                continue
-            groups[parts[0], cfg.keep_ratio_for(module_path(node))].append(node)
+    def match(self, walk: Walk, node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, object] | None:
+        return linear_parts(node)
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: tuple[torch.fx.Node, torch.fx.Node, object]) -> None:
+        # Grouped by input and ratio: one pruned copy serves every Linear reading that input.
+        groups = walk.state.setdefault("groups", defaultdict(list))
+        groups[found[0], walk.cfg.keep_ratio_for(module_path(node))].append(node)
+
+    def finish(self, walk: Walk) -> None:
+        graph, cfg, report = walk.graph, walk.cfg, walk.report
+        groups: dict[tuple[torch.fx.Node, float], list[torch.fx.Node]] = walk.state.get("groups", {})
         saving, harmless = output_saving_producers(), harmless_users()
         # A pruned Linear's output may be another group's input (LoRA A feeding LoRA B): groups run
         # in graph order, and a group whose input was rewritten reads the rewritten node.
@@ -133,13 +131,10 @@ class PrunePass:
             # One entry per pruned copy: Linears reading one input (a LoRA A per adapter) share it.
             report.rewritten.append(f"{x.name} pruned once (keep {ratio:g}) for {len(linears)} linear: "
                                     + ", ".join(paths))
-        graph.lint()
-        gm.recompile()
-        return report
 
-    @staticmethod
-    def _why_not(node: torch.fx.Node, parts: tuple[torch.fx.Node, torch.fx.Node, object], cfg: ShearConfig) -> str | None:
-        x, weight, _ = parts
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: tuple[torch.fx.Node, torch.fx.Node, object]) -> str | None:
+        x, weight, _ = found
+        cfg = walk.cfg
         reason = exclusion_reason(node, cfg)
         if reason:
             return reason

@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, module_path
+from .base import PassReport, RewritePass, Walk, module_path
 from .match import argument, call, is_float_tensor, is_function, is_method, outputs, requires_grad, tensor_value
 from .prune import exclusion_reason, harmless_users, output_saving_producers, why_input_is_kept
 
@@ -44,7 +44,7 @@ def _ratio(node: torch.fx.Node, cfg: ShearConfig) -> tuple[float, str | None]:
     return ratio, None
 
 
-class PruneAttentionPass:
+class PruneAttentionPass(RewritePass[torch.fx.Node]):
     """Rewrite softmaxes and activation-activation matmuls to keep pruned copies for backward."""
 
     name = NAME
@@ -52,22 +52,24 @@ class PruneAttentionPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.prune and bool({"attention", "softmax"} & set(cfg.prune_ops))
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        # (tensor, ratio) -> its pruned (values, bits): a pruned softmax's pack serves the matmul
-        # that reads the probabilities, and an operand read by two matmuls is packed once.
-        packs: dict[tuple[torch.fx.Node, float], tuple[torch.fx.Node, torch.fx.Node]] = {}
-        if "softmax" in cfg.prune_ops:
-            for node in list(gm.graph.nodes):
-                if is_function(node, *_SOFTMAX) or is_method(node, "softmax"):
-                    self._softmax(gm.graph, node, cfg, report, packs)
-        if "attention" in cfg.prune_ops:
-            for node in list(gm.graph.nodes):
-                if is_function(node, *_MATMUL) or is_method(node, "matmul", "bmm"):
-                    self._matmul(gm.graph, node, cfg, report, packs)
-        gm.graph.lint()
-        gm.recompile()
-        return report
+    # Softmaxes first: a pruned softmax's pack then serves the matmul that reads the probabilities.
+    phases = ("softmax", "attention")
+
+    def match(self, walk: Walk, node: torch.fx.Node) -> torch.fx.Node | None:
+        if walk.phase not in walk.cfg.prune_ops:
+            return None
+        if walk.phase == "softmax":
+            found = is_function(node, *_SOFTMAX) or is_method(node, "softmax")
+        else:
+            found = is_function(node, *_MATMUL) or is_method(node, "matmul", "bmm")
+        return node if found else None
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: torch.fx.Node) -> None:
+        # (tensor, ratio) -> its pruned (values, bits): an operand read by two matmuls is packed
+        # once.  Each operand is skipped or pruned on its own, so these report for themselves.
+        packs = walk.state.setdefault("packs", {})
+        prune = self._softmax if walk.phase == "softmax" else self._matmul
+        prune(walk.graph, node, walk.cfg, walk.report, packs)
 
     def _softmax(self, graph: torch.fx.Graph, node: torch.fx.Node, cfg: ShearConfig, report: PassReport,
                  packs: dict[tuple[torch.fx.Node, float], tuple[torch.fx.Node, torch.fx.Node]]) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from ..config import ShearConfig
-from .base import PassReport, excluded
+from .base import RewritePass, Walk, excluded
 from .match import (
     argument,
     call,
@@ -160,7 +160,7 @@ def match_norm(node: torch.fx.Node) -> NormMatch | str | None:
     return None
 
 
-class ShareNormsPass:
+class ShareNormsPass(RewritePass[NormMatch]):
     """Rewrite norm → Linear pairs so both save only the norm's normalized output."""
 
     name = NAME
@@ -168,35 +168,31 @@ class ShareNormsPass:
     def applies(self, cfg: ShearConfig) -> bool:
         return cfg.share_norms
 
-    def run(self, gm: torch.fx.GraphModule, cfg: ShearConfig) -> PassReport:
-        report = PassReport(self.name)
-        graph = gm.graph
-        for node in list(graph.nodes):
-            if node.graph is not graph:
-                continue
-            found = match_norm(node)
-            if found is None:
-                continue
-            if isinstance(found, str):
-                report.skip(node, found)
-                continue
-            reason = self._why_not(found, cfg)
-            consumers = linear_consumers(found.output) if reason is None else []
-            if reason is None and cfg.dropout_bits:
-                consumers += self._behind_dropout(found.output, cfg)
-            if reason is None and not consumers:
-                reason = ("its output feeds no Linear with a trainable weight (directly or through a "
-                          "training dropout), so there is no saved copy to share")
-            if reason:
-                report.skip(found.output, reason)
-                continue
-            self._rewrite(graph, found, consumers, cfg)
-            behind = sum(c.dropout is not None for c in consumers)
-            report.rewritten.append(f"{found.output.name} ({found.kind}norm → {len(consumers)} linear"
-                                    f"{f', {behind} behind dropout' if behind else ''})")
-        graph.lint()
-        gm.recompile()
-        return report
+    def match(self, walk: Walk, node: torch.fx.Node) -> NormMatch | str | None:
+        return match_norm(node)
+
+    def reported_node(self, node: torch.fx.Node, found: NormMatch | str) -> torch.fx.Node:
+        return node if isinstance(found, str) else found.output
+
+    def why_not(self, walk: Walk, node: torch.fx.Node, found: NormMatch) -> str | None:
+        reason = self._config_reason(found, walk.cfg)
+        if reason:
+            return reason
+        consumers = linear_consumers(found.output)
+        if walk.cfg.dropout_bits:
+            consumers += self._behind_dropout(found.output, walk.cfg)
+        if not consumers:
+            return ("its output feeds no Linear with a trainable weight (directly or through a "
+                    "training dropout), so there is no saved copy to share")
+        walk.state[found.output] = consumers
+        return None
+
+    def rewrite(self, walk: Walk, node: torch.fx.Node, found: NormMatch) -> str:
+        consumers = walk.state.pop(found.output)
+        self._rewrite(walk.graph, found, consumers, walk.cfg)
+        behind = sum(c.dropout is not None for c in consumers)
+        return (f"{found.output.name} ({found.kind}norm → {len(consumers)} linear"
+                f"{f', {behind} behind dropout' if behind else ''})")
 
     def _rewrite(self, graph: torch.fx.Graph, found: NormMatch, consumers: list[Consumer],
                  cfg: ShearConfig) -> None:
@@ -287,7 +283,7 @@ class ShareNormsPass:
         graph.erase_node(node)
 
     @staticmethod
-    def _why_not(found: NormMatch, cfg: ShearConfig) -> str | None:
+    def _config_reason(found: NormMatch, cfg: ShearConfig) -> str | None:
         pattern = excluded(found.output, cfg)
         if pattern:
             return f"module excluded by pattern {pattern!r}"

@@ -6,21 +6,10 @@
 
 import sys
 
-from ..freezing import arms, state
-from ..freezing import policies as bandit
-from ..freezing.policies import (
-    POLICIES,
-    BanditPolicy,
-    BanditSettings,
-    FixedPolicy,
-    FreezePolicy,
-    RandomPolicy,
-    RoundRobinPolicy,
-    project_capped_simplex,
-)
+from .. import freezing as _freezing
+from ..freezing import arms, policies, state
 
-for _name, _module in (("bandit", bandit), ("arms", arms), ("state", state)):
+__all__ = [name for name in _freezing.__all__ if name != "frozen"]
+globals().update({name: getattr(_freezing, name) for name in __all__})
+for _name, _module in (("bandit", policies), ("arms", arms), ("state", state)):
     sys.modules[f"{__name__}.{_name}"] = _module
-
-__all__ = ["POLICIES", "BanditPolicy", "BanditSettings", "FixedPolicy", "FreezePolicy", "RandomPolicy",
-           "RoundRobinPolicy", "project_capped_simplex"]

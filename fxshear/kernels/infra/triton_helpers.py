@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -31,3 +32,14 @@ def cast_fp32_to(v, dtype: tl.constexpr):
 def grid_1d(size: int, block: int) -> tuple[int]:
     """One program per ``block`` of ``size`` (bytes or elements)."""
     return (triton.cdiv(size, block),)
+
+
+def check_packed(packed: torch.Tensor, grad: torch.Tensor, num_bytes: int, per_byte: str) -> None:
+    """A backward kernel's packed input: uint8, ``num_bytes`` long, on the gradient's device."""
+    if packed.dtype != torch.uint8 or packed.numel() != num_bytes:
+        raise ValueError(
+            f"packed must be uint8 with {num_bytes} elements ({per_byte} for "
+            f"{grad.numel()} gradients), got {packed.dtype} with {packed.numel()}"
+        )
+    if packed.device != grad.device:
+        raise ValueError(f"packed is on {packed.device} but grad is on {grad.device}")
