@@ -143,3 +143,8 @@ def eager_nan_at_inf(kind: str, approximate: str, dtype: torch.dtype) -> bool:
     x = torch.full((64,), math.inf, dtype=dtype)
     eager = _eager_activation(x, kind, approximate)
     return bool(eager.isnan().any())
+
+
+#: Where the Triton kernel tests run (CPU tensors under TRITON_INTERPRET=1 without CUDA), and in which dtypes.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -4,17 +4,13 @@ Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors, which cost
 program launch, so the tensors here stay small.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before triton is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
+# conftest.py sets TRITON_INTERPRET=1 without CUDA, before anything imports triton.
 pytest.importorskip("triton")
+
+from helpers import DEVICE, DTYPES  # noqa: E402
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -25,8 +21,6 @@ from fxshear.kernels.act2bit_triton import (  # noqa: E402
     act2bit_forward_triton,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = ((7,), (3, 5, 13), (1,), (0,), (64, 333))
 # (kind, approximate) pairs with distinct forwards; SiLU ignores `approximate`.
 ACTIVATIONS = (("gelu", "none"), ("gelu", "tanh"), ("silu", "none"))

@@ -22,6 +22,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from helpers import DEVICE, DTYPES  # noqa: E402
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -32,8 +34,6 @@ from fxshear.kernels.act_from_output_triton import (  # noqa: E402
 )
 from helpers import eager_forward_error, eager_nan_at_inf  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUNCTIONS = (("gelu", "none"), ("gelu", "tanh"), ("silu", "none"))
 SHAPES = ((7,), (3, 5, 13), (1,), (0,), (33, 65))
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -5,17 +5,13 @@ launch and slow per-op Python), so the tensors stay tiny; ``block=16`` makes sev
 key blocks out of them so the online softmax and the block sweeps are exercised.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before triton is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
+# conftest.py sets TRITON_INTERPRET=1 without CUDA, before anything imports triton.
 pytest.importorskip("triton")
+
+from helpers import DEVICE, DTYPES  # noqa: E402
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -32,8 +28,6 @@ from fxshear.kernels.attention_triton import (  # noqa: E402
     attention_forward_triton,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # max |triton - reference| / max |reference|: fp32 sums in another order; half precision
 # rounds the unnormalised probabilities (flash style) instead of the normalised ones.
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

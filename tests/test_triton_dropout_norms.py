@@ -5,17 +5,13 @@ launch), so the tensors here stay small.  The dropout kernels must equal the tor
 bit; the normalization kernels reduce in another order and are compared to float tolerance.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before triton is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
+# conftest.py sets TRITON_INTERPRET=1 without CUDA, before anything imports triton.
 pytest.importorskip("triton")
+
+from helpers import DEVICE, DTYPES  # noqa: E402
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -43,8 +39,6 @@ from fxshear.kernels.norms_triton import (  # noqa: E402
     normalize_forward_triton,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # z and dx are rounded once to their dtype on both sides; fp32 differs by the reduction order.
 NORM_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),

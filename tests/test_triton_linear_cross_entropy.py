@@ -4,17 +4,13 @@ Without CUDA the kernel runs under TRITON_INTERPRET=1 on CPU tensors (one progra
 tens of ms each), so the sizes stay tiny: N <= 16 rows, V <= 300, H <= 32.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before triton is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
+# conftest.py sets TRITON_INTERPRET=1 without CUDA, before anything imports triton.
 pytest.importorskip("triton")
+
+from helpers import DEVICE, DTYPES  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -23,8 +19,6 @@ from hypothesis import strategies as st  # noqa: E402
 from fxshear.kernels import linear_cross_entropy as lce  # noqa: E402
 from fxshear.kernels.linear_cross_entropy_triton import cross_entropy_chunk_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The interpreter evaluates exp(-inf) and masked -inf lanes with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings(

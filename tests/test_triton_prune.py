@@ -8,6 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import DEVICE, DTYPES  # noqa: E402
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -26,8 +28,6 @@ from fxshear.kernels.prune_triton import (  # noqa: E402
     unprune_triton,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # max |triton - reference| / max |reference| of the weight gradient: sums in another order
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
