@@ -231,6 +231,7 @@ def test_graph_copies_keep_what_dynamo_recorded() -> None:
     assert sources == [p._dynamo_source for p in original.graph.find_nodes(op="placeholder")]
 
 
+@pytest.mark.slow
 def test_budget_reference_is_what_the_unrewritten_graph_saves_under_inductor() -> None:
     """The reference a budget is read against equals a preset="none" backend's own partition."""
     example = build_model("minilm", dropout=True)

@@ -41,6 +41,7 @@ def test_demo_help_lists_its_options_and_bad_values_are_rejected(
         assert bad_exit.value.code == 2, bad
 
 
+@pytest.mark.slow
 def test_freeze_example_validates_and_runs(capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     example = _import_example("freeze_minilm", monkeypatch)

@@ -140,6 +140,7 @@ def test_fused_loss_removes_the_logits_from_the_ledger() -> None:
         assert bool(logits) == expect_logits, (preset, logits)
 
 
+@pytest.mark.slow
 def test_memory_budget_is_read_against_plain_inductor() -> None:
     """Budget b means b times what torch.compile saves: exact + b saves less than Inductor at b,
     and the partitioner is handed a looser fraction of the smaller rewritten graph."""
@@ -158,6 +159,7 @@ def test_memory_budget_is_read_against_plain_inductor() -> None:
     assert saved["exact", 0.5] <= saved["exact", None]
 
 
+@pytest.mark.slow
 def test_a_tight_budget_recomputes_dropout_outputs_but_never_a_draw() -> None:
     """At budget 0.1 the knapsack recomputes dropout outputs and attention in the backward (from
     the saved bits), but never a draw: that would be a new mask, a wrong gradient and a moved
@@ -240,6 +242,7 @@ def test_cross_entropy_over_a_slice_of_the_vocabulary_is_left_alone() -> None:
     assert not report.rewritten and "vocabulary dimension" in report.skipped[0].reason
 
 
+@pytest.mark.slow
 def test_inspection_lists_bytes_removed_per_pass() -> None:
     example = build_model("minilm", dropout=True)
     report = fxshear.inspect(example.model, example_kwargs=example.make_batch(2, 32), preset="exact")

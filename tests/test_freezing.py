@@ -182,6 +182,7 @@ def test_pruned_linears_are_gated_too(minilm) -> None:  # noqa: ANN001
     assert "gated_pruned_weight_grad" in backward and "gated_mm" in backward
 
 
+@pytest.mark.slow
 def test_linears_behind_a_dropout_are_gated_too() -> None:
     """With dropout on, the first layer's q/k/v read the embedding LayerNorm's z through the
     embedding dropout: their weight gradients are gated like every other one.  Lowered through

@@ -52,6 +52,7 @@ def test_html_is_one_readable_page(llama_report, tmp_path: Path) -> None:  # noq
         assert needle in page
 
 
+@pytest.mark.slow
 def test_cli_inspect_builtin_model(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     html, data = tmp_path / "out.html", tmp_path / "out.json"
     code = main(["inspect", "--model", "llama", "--batch", "2", "--seq", "16", "--html", str(html),
@@ -78,6 +79,7 @@ def test_cli_rejects_bad_options(capsys) -> None:  # noqa: ANN001
     assert main(["inspect", "--model", "bert-large"]) == 2
 
 
+@pytest.mark.slow
 def test_inspect_leaves_the_users_compiled_model_alone() -> None:
     example = build_model("llama", dropout=False)
     batch = example.make_batch(2, 16)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fxshear.kernels.infra import native, prune_native
+from fxshear.kernels import prune_native
+from fxshear.kernels.infra import native
 from fxshear.kernels.infra.lowering import LowerOpsOnCpu
 from fxshear.kernels.prune import (
     keep_count,

@@ -49,6 +49,7 @@ def test_compiled_freezing_matches_eager_freezing(llama) -> None:  # noqa: ANN00
     assert compiled_step.metrics[-1].frozen_arms == eager_step.metrics[-1].frozen_arms > 0
 
 
+@pytest.mark.slow
 def test_200_steps_of_changing_masks_compile_a_bounded_number_of_times(llama) -> None:  # noqa: ANN001
     """A new random mask every step: compiles stay at regions + freeze_variants, frozen weights stay
     put, and no parameter's requires_grad is ever toggled."""
@@ -142,6 +143,7 @@ def test_a_weight_never_trained_is_warned_about(llama) -> None:  # noqa: ANN001
     assert step.stale_arms() and all("layers.1" in name for name in step.stale_arms())
 
 
+@pytest.mark.slow
 def test_metrics_are_recorded_and_handed_to_a_callback(llama) -> None:  # noqa: ANN001
     model = copy.deepcopy(llama.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
