@@ -7,10 +7,6 @@ on the GPU, and the CUDA-only test checks the op's Triton path with opcheck.
 
 import math
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import torch
 
@@ -246,59 +242,7 @@ def test_round_trip_matches_reference(shape, dtype, function, seed):
     assert_backward_close(dx, afo.backward_reference(grad.cpu(), y.cpu(), flag.cpu(), kind, approximate))
 
 
-# Compiles every kernel variant for sm_90 the way a GPU run would (libdevice branches included),
-# in a fresh interpreter: the interpreted tests above never run Triton's compiler.
-_COMPILE_FOR_CUDA = textwrap.dedent("""
-    import sys
-    try:
-        import triton
-        from triton.backends import backends
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        assert "nvidia" in backends
-    except Exception as error:
-        print("no CUDA backend in this triton:", error)
-        sys.exit(77)
-    from fxshear.kernels import act_from_output as afo
-    from fxshear.kernels import act_from_output_triton as k
-
-    target = GPUTarget("cuda", 90, 32)
-    names = ("KIND", "LEFT_TAIL", "N_NEAR", "N_RIGHT", "N_LEFT", "LIBDEVICE", "BLOCK_BYTES")
-    for key, code in k.KIND_CODES.items():
-        inv = afo.INVERSIONS[key]
-        signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", "flag_ptr": "*u8", "numel": "i64",
-                     "num_bytes": "i64", "x_min": "fp32", "KIND": "constexpr",
-                     "LIBDEVICE": "constexpr", "BLOCK_BYTES": "constexpr"}
-        constants = {"KIND": code, "LIBDEVICE": True, "BLOCK_BYTES": k.FORWARD_BLOCK_BYTES}
-        triton.compile(ASTSource(k._forward_kernel, signature, constants), target=target,
-                       options={"num_warps": k.FORWARD_WARPS})
-        signature = {"grad_ptr": "*fp32", "y_ptr": "*bf16", "flag_ptr": "*u8", "dx_ptr": "*fp32",
-                     "coef_ptr": "*fp32", "numel": "i64", "num_bytes": "i64", "h": "fp32",
-                     **{name: "constexpr" for name in names}}
-        constants = {"KIND": code, "LEFT_TAIL": k.LEFT_TAIL_CODES[inv.left_tail],
-                     "N_NEAR": len(inv.near), "N_RIGHT": len(inv.right_guess),
-                     "N_LEFT": len(inv.left_guess), "LIBDEVICE": True,
-                     "BLOCK_BYTES": k.BACKWARD_BLOCK_BYTES}
-        compiled = triton.compile(ASTSource(k._backward_kernel, signature, constants), target=target,
-                                  options={"num_warps": k.BACKWARD_WARPS})
-        assert "cubin" in compiled.asm
-        assert ".local" not in compiled.asm["ptx"], f"{key}: the backward spills registers"
-    print("compiled")
-""")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the tests above compile the kernels")
-def test_kernels_compile_for_cuda_without_a_gpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_CUDA], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
-    if result.returncode == 77:
-        pytest.skip(result.stdout.strip())
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled" in result.stdout
+# Compiling these kernels for sm_80 / sm_90 without a GPU: tests/test_aot_compile.py.
 
 
 @pytest.mark.gpu

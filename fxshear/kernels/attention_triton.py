@@ -72,6 +72,29 @@ def _scores_block(
 
 
 @triton.jit
+def _scores_block_t(
+    q_t, k, mask_base, smm, smn, offs_m, offs_n, valid_t, scale,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """The same tile transposed, ``[BLOCK_N, BLOCK_M]``, from ``q`` loaded transposed: the dk/dv
+    kernel works on transposed tiles so that no computed tile is transposed (for fp32 on a GPU
+    ``tl.trans`` of an FMA-dot result made ptxas put the kernel's tiles on the stack)."""
+    s_t = _dot(k, q_t, DOT_PRECISION, INTERPRETED) * scale
+    if HAS_MASK:
+        bias = tl.load(mask_base + offs_n[:, None] * smn + offs_m[None, :] * smm, mask=valid_t, other=0.0)
+        s_t = s_t + bias.to(tl.float32)
+    return s_t
+
+
+@triton.jit
+def _keep_block_t(bits_ptr, row_base, offs_m, offs_n, SK, valid_t):
+    """:func:`_keep_block` for the transposed ``[BLOCK_N, BLOCK_M]`` tile."""
+    e = (row_base + offs_m[None, :].to(tl.int64)) * SK + offs_n[:, None]
+    byte = tl.load(bits_ptr + (e >> 3), mask=valid_t, other=0).to(tl.int32)
+    return ((byte >> (e & 7).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
 def _keep_block(bits_ptr, row_base, offs_m, offs_n, SK, valid):
     """Kept flags of a tile: element ((bh * Sq + m) * Sk + n) sits in bit e % 8 of byte e // 8."""
     e = (row_base + offs_m[:, None].to(tl.int64)) * SK + offs_n[None, :]
@@ -261,29 +284,36 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(0, SQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < SQ
-        valid = m_ok[:, None] & n_ok[None, :]
+        valid_t = n_ok[:, None] & m_ok[None, :]
         q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q_t = tl.load(q_base + offs_d[:, None] * sqd + offs_m[None, :] * sqm,
+                      mask=d_ok[:, None] & m_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                      mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+        do_t = tl.load(do_base + offs_dv[:, None] * sdod + offs_m[None, :] * sdom,
+                       mask=dv_ok[:, None] & m_ok[None, :], other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
         rinv = tl.load(RINV + row_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        s = _scores_block(q, k, mask_base, smm, smn, offs_m, offs_n, valid, scale, HAS_MASK, DOT_PRECISION, INTERPRETED)
+        # Transposed tiles [BLOCK_N, BLOCK_M]: Pᵀ, dPᵀ and dSᵀ come out of the dots ready for
+        # dv += Pdᵀ dO and dk += dSᵀ q.
+        s_t = _scores_block_t(q_t, k, mask_base, smm, smn, offs_m, offs_n, valid_t, scale,
+                              HAS_MASK, DOT_PRECISION, INTERPRETED)
         # Padding rows and columns must be exact zeros (not NaN) before they meet the dots.
-        p = tl.where(valid, tl.exp(s - lse[:, None]) * rinv[:, None], 0.0)
-        dp = _dot(do, tl.trans(v), DOT_PRECISION, INTERPRETED)
+        p_t = tl.where(valid_t, tl.exp(s_t - lse[None, :]) * rinv[None, :], 0.0)
+        dp_t = _dot(v, do_t, DOT_PRECISION, INTERPRETED)
         if HAS_DROPOUT:
-            keep = _keep_block(BITS, row_base, offs_m, offs_n, SK, valid)
+            keep_t = _keep_block_t(BITS, row_base, offs_m, offs_n, SK, valid_t)
             # Multiplied, not selected: NaN probabilities stay NaN where dropped, as in eager.
-            multiplier = tl.where(keep, drop_scale, 0.0)
-            pd = p * multiplier
-            dp = dp * multiplier
+            multiplier = tl.where(keep_t, drop_scale, 0.0)
+            pd_t = p_t * multiplier
+            dp_t = dp_t * multiplier
         else:
-            pd = p
-        dv += _dot(tl.trans(_cast(pd, DO.dtype.element_ty, INTERPRETED)), do, DOT_PRECISION, INTERPRETED)
-        ds = p * (dp - delta[:, None]) * scale
-        dk += _dot(tl.trans(_cast(ds, Q.dtype.element_ty, INTERPRETED)), q, DOT_PRECISION, INTERPRETED)
+            pd_t = p_t
+        dv += _dot(_cast(pd_t, DO.dtype.element_ty, INTERPRETED), do, DOT_PRECISION, INTERPRETED)
+        ds_t = p_t * (dp_t - delta[None, :]) * scale
+        dk += _dot(_cast(ds_t, Q.dtype.element_ty, INTERPRETED), q, DOT_PRECISION, INTERPRETED)
     tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              _cast(dk, DK.dtype.element_ty, INTERPRETED), mask=n_ok[:, None] & d_ok[None, :])
     tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
@@ -303,20 +333,36 @@ def _head_block(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, block_m: int | None, block_n: int | None) -> dict:
+#: (BLOCK_M, BLOCK_N, num_warps) per kernel, by input precision and head block: the largest
+#: tiles that neither sm_80 nor sm_90 spills registers on with mask and dropout on, found by
+#: compiling for both without a GPU (``python -m fxshear.kernels.aot --all``, table in
+#: benchmarks/results/gpu/aot_compile.md).  fp32 multiplies with FMAs (ieee), so its tiles
+#: live in registers and must be smaller than the 16-bit ones, which use tensor cores.
+TILES: dict[tuple[str, int], dict[str, tuple[int, int, int]]] = {
+    ("fp32", 32): {"fwd": (32, 32, 8), "dq": (32, 32, 8), "dkdv": (32, 16, 4)},
+    ("fp32", 64): {"fwd": (32, 32, 8), "dq": (32, 16, 4), "dkdv": (32, 16, 4)},
+    ("fp32", 128): {"fwd": (16, 16, 4), "dq": (16, 16, 4), "dkdv": (32, 16, 4)},
+    ("16-bit", 32): {"fwd": (64, 64, 8), "dq": (64, 64, 8), "dkdv": (32, 32, 4)},
+    ("16-bit", 64): {"fwd": (32, 64, 4), "dq": (32, 64, 4), "dkdv": (64, 32, 4)},
+    ("16-bit", 128): {"fwd": (32, 32, 4), "dq": (64, 32, 4), "dkdv": (32, 32, 4)},
+}
+
+
+def _config(q: torch.Tensor, v: torch.Tensor, kernel: str, block_m: int | None, block_n: int | None) -> dict:
+    """Launch constexprs of ``kernel`` ("fwd", "dq" or "dkdv"); ``block_m``/``block_n``
+    override the tiles (tests use small ones to exercise the loops)."""
     block_d, block_dv = _head_block(q.shape[-1]), _head_block(v.shape[-1])
-    # Keep the per-program tiles within registers/shared memory at head dim 128 and fp32.
-    wide = max(block_d, block_dv) * q.element_size() > 128
-    default = 32 if wide else 64
+    precision = "fp32" if q.dtype == torch.float32 else "16-bit"
+    tile_m, tile_n, num_warps = TILES[(precision, max(32, block_d, block_dv))][kernel]
     return dict(
-        BLOCK_M=block_m or default,
-        BLOCK_N=block_n or default,
+        BLOCK_M=block_m or tile_m,
+        BLOCK_N=block_n or tile_n,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # On CPU the kernels can only run under TRITON_INTERPRET.
         INTERPRETED=q.device.type == "cpu",
-        num_warps=NUM_WARPS,
+        num_warps=num_warps if block_m is None and block_n is None else NUM_WARPS,
     )
 
 
@@ -382,7 +428,7 @@ def attention_forward_triton(
     batch, heads, sq, _ = q4.shape
     sk = k4.shape[2]
     mask4, mask_strides = _mask_args(mask, q, k)
-    cfg = _config(q, v, block_m, block_n)
+    cfg = _config(q, v, "fwd", block_m, block_n)
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), batch * heads)
     _attn_fwd_kernel[grid](
         q4, k4, v4, mask4, bits if dropout_p > 0 else q4, out4, lse,
@@ -436,19 +482,20 @@ def attention_backward_triton(
     bits_arg = bits if dropout_p > 0 else q4
     rinv = torch.empty(batch * heads * sq, dtype=torch.float32, device=q.device)
     delta = torch.empty_like(rinv)
-    cfg = _config(q, v, block_m, block_n)
-    common = dict(HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0, **cfg)
+    flags = dict(HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0)
     sizes = (heads, sq, sk, q.shape[-1], v.shape[-1], float(scale), _drop_scale(dropout_p, q.dtype))
 
+    cfg = _config(q, v, "dq", block_m, block_n)
     _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), batch * heads)](
         q4, k4, v4, mask4, bits_arg, lse, do4, dq4, rinv, delta,
         *q4.stride(), *k4.stride(), *v4.stride(), *mask_strides, *do4.stride(), *dq4.stride(),
-        *sizes, **common,
+        *sizes, **flags, **cfg,
     )
+    cfg = _config(q, v, "dkdv", block_m, block_n)
     _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BLOCK_N"]), batch * heads)](
         q4, k4, v4, mask4, bits_arg, lse, do4, rinv, delta, dk4, dv4,
         *q4.stride(), *k4.stride(), *v4.stride(), *mask_strides, *do4.stride(), *dk4.stride(),
         *dv4.stride(),
-        *sizes, **common,
+        *sizes, **flags, **cfg,
     )
     return dq, dk, dv

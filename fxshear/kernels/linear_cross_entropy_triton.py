@@ -21,8 +21,10 @@ import triton.language as tl
 
 from fxshear.kernels.infra.triton_helpers import SUPPORTED_DTYPES, cast_fp32_to
 
-# Liger's choice: a whole 32k block per loop step, spread over 32 warps (32 values a thread).
-MAX_BLOCK_V = 32768
+# Liger takes a whole 32k block per loop step over 32 warps (32 values a thread); compiled for
+# sm_90 that spilled in fp32 with smoothing, class weights and per-row scales, so 16k blocks
+# (16 values a thread), which spill nowhere (benchmarks/results/gpu/aot_compile.md).
+MAX_BLOCK_V = 16384
 
 
 @triton.jit
@@ -123,7 +125,9 @@ def _cross_entropy_chunk_kernel(
 
 
 def _num_warps(block_v: int) -> int:
-    return min(32, max(4, block_v // 1024))
+    # 512 elements a warp: at MAX_BLOCK_V (32 warps) no variant spills on sm_80 or sm_90, where
+    # 32768 elements on 32 warps spilled in fp32 with smoothing and class weights (aot_compile.md).
+    return min(32, max(4, block_v // 512))
 
 
 def cross_entropy_chunk_triton(
