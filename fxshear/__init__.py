@@ -4,6 +4,7 @@
     model = torch.compile(model, backend=fxshear.backend(preset="exact", memory_budget=0.5))
     report = fxshear.inspect(model, *example_inputs)                    # what is saved, and why
     step = fxshear.train_step(model, optimizer, freeze="bandit")(step)  # per-step freezing
+    fxshear.reversible(model, variant="meft1")                          # MEFT: rebuild, don't save
 """
 
 from .ops import register_ops
@@ -16,6 +17,7 @@ from .config import PRESETS, ConfigError, ShearConfig
 from .graph.ledger import Ledger, ModelLedger, SavedTensor
 from .integrations import register_accelerate_backend
 from .measure import SavedBytes, measure_saved_bytes
+from .reversible import reversible
 from .freezing.state import frozen
 from .train_step import StepMetrics, TrainStep, train_step
 
@@ -38,5 +40,5 @@ def inspect(model, *example_inputs, preset: str = "exact", example_kwargs=None, 
 __all__ = [
     "PRESETS", "ConfigError", "Ledger", "ModelLedger", "SavedBytes", "SavedTensor", "ShearBackend",
     "ShearConfig", "StepMetrics", "TrainStep", "backend", "frozen", "inspect", "ledger", "measure_saved_bytes", "regions_of",
-    "register_accelerate_backend", "train_step",
+    "register_accelerate_backend", "reversible", "train_step",
 ]

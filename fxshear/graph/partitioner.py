@@ -21,6 +21,8 @@ from ..config import ShearConfig
 from ..log import log
 from ..sources import fxshear_source_files
 from ..freezing.joint import drop_gradients, gate_gradients
+from .pins import never_recomputed as _never_recomputed
+from .reversible import rebuild_reversible_blocks
 
 
 @dataclass
@@ -129,6 +131,7 @@ class ShearPartitioner(CustomPartitionerFn):
         self.gated = frozenset(gated) - self.frozen
         self.effective_budget: float | None = cfg.memory_budget
         self.gate_report = None
+        self.reversible_report = None
 
     def _trial(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict[str, Any],
                fraction: float) -> SavedSizes:
@@ -183,6 +186,8 @@ class ShearPartitioner(CustomPartitionerFn):
         register_flop_formulas()
         recorder = current_recorder.get()
         num_fwd_outputs = int(kwargs["num_fwd_outputs"])
+        # Reversible blocks (fxshear.reversible): the backward rebuilds their inputs.
+        self.reversible_report = rebuild_reversible_blocks(gm)
         if self.frozen:
             drop_gradients(gm, num_fwd_outputs, sorted(self.frozen))
         if self.gated:
@@ -226,23 +231,6 @@ class ShearPartitioner(CustomPartitionerFn):
         extra = (f"{self.cfg.to_json()}|reference={self.reference}|frozen={sorted(self.frozen)}"
                  f"|gated={sorted(self.gated)}|torch={torch.__version__}")
         return get_hash_for_files(fxshear_source_files(), extra=extra)
-
-
-def _never_recomputed(target: object) -> bool:
-    """fxshear ops no partition may move into the backward.
-
-    Random ops: recomputing a dropout draw in the backward draws a *new* mask (and moves the
-    generator), so the gradient would belong to a different mask than the forward used.
-    ``linear_cross_entropy``: its recompute repeats the three vocabulary matmuls of the whole
-    loss, a cost the partitioner's estimate of a custom op does not see.  ``prune_pack``: its
-    point is that the dense input is not kept; recomputing it in the backward needs that input
-    back (or what made it) plus a per-sample top-k, which the flop count prices at zero (MiniLM
-    at budget 0.1 recomputed 9 of its 12 packs and ran 1.5x slower than without them).
-    """
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "fxshear":
-        return False
-    return (torch.Tag.nondeterministic_seeded in target.tags
-            or target in (torch.ops.fxshear.linear_cross_entropy.default, torch.ops.fxshear.prune_pack.default))
 
 
 def draws_randomness(gm: torch.fx.GraphModule) -> bool:

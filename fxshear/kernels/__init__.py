@@ -12,5 +12,6 @@ from . import (  # noqa: F401
     prune,
     prune_attention,
     returned_linear,
+    reversible_mark,
     shared_linear,
 )

@@ -1,0 +1,135 @@
+"""fxshear.reversible (MEFT): invert=True rebuilds every block input and gives the gradients of
+invert=False bit for bit (dropout on); what trains, what is saved, and the configuration errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxshear
+from fxshear.config import ConfigError
+from fxshear.reversible import VARIANTS, reversible_stack
+from fxshear.zoo.models import build_model
+
+ARCHITECTURES = ("minilm", "llama", "vit")
+
+
+@pytest.fixture(scope="module")
+def examples() -> dict:
+    return {name: build_model(name, dropout=True) for name in ARCHITECTURES}
+
+
+def _step(example, model: nn.Module, batch: dict, seed: int = 5) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)  # the same dropout draws in both runs
+    loss = example.loss(model, batch)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _reversible_copy(example, **options) -> nn.Module:
+    model = copy.deepcopy(example.model)
+    torch.manual_seed(1)  # the same adapter initialisation
+    return fxshear.reversible(model, **options)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_inverted_backward_equals_ordinary_autograd_bit_for_bit(examples, name: str, variant: str) -> None:
+    example = examples[name]
+    batch = example.make_batch(2, 16, seed=0)
+    loss_plain, plain = _step(example, _reversible_copy(example, variant=variant, invert=False), batch)
+    loss_inverted, inverted = _step(example, _reversible_copy(example, variant=variant, invert=True), batch)
+    assert loss_plain == loss_inverted
+    assert plain.keys() == inverted.keys() and plain
+    for key in plain:
+        assert torch.equal(plain[key], inverted[key]), key
+
+
+def test_only_adapters_and_the_head_train_and_the_state_dict_loads_again(examples) -> None:
+    example = examples["minilm"]
+    model = _reversible_copy(example, variant="meft1")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".meft_" in n or n.startswith("classifier.") for n in trainable)
+    assert {n for n in trainable if n.startswith("classifier.")} == {"classifier.weight", "classifier.bias"}
+    blocks = model.encoder.encoder.layer
+    assert all(hasattr(b, "meft_f") and hasattr(b, "meft_g") for b in blocks)
+    assert blocks[0].meft_f.down.out_features == 8
+    again = fxshear.reversible(copy.deepcopy(example.model), variant="meft1")
+    again.load_state_dict(model.state_dict())  # same parameter names, strict
+    assert isinstance(blocks[0], type(example.model.encoder.encoder.layer[0]))  # still a BertLayer
+
+
+def test_meft2_has_no_g_adapter_and_keeps_the_whole_block_as_g(examples) -> None:
+    model = _reversible_copy(examples["llama"], variant="meft2", adapter_dim=4)
+    layer = model.model.layers[0]
+    assert hasattr(layer, "meft_f") and not hasattr(layer, "meft_g")
+    assert layer.meft_f.down.out_features == 4
+
+
+def test_the_inverted_stack_saves_far_less(examples) -> None:
+    example = examples["minilm"]
+    batch = example.make_batch(4, 64, seed=0)
+    saved = {}
+    for invert in (False, True):
+        model = _reversible_copy(example, variant="meft1", invert=invert)
+        counted = fxshear.measure_saved_bytes(example.loss, model, batch)
+        counted.output.backward()
+        saved[invert] = counted.activation_bytes
+    assert saved[True] < 0.2 * saved[False], saved
+
+
+def test_lower_blocks_only_and_checkpointed_inputs(examples) -> None:
+    example = examples["llama"]
+    batch = example.make_batch(2, 16, seed=0)
+    model = _reversible_copy(example, variant="meft3", blocks=1)
+    layers = model.model.layers
+    assert hasattr(layers[0], "_fxshear_reversible") and not hasattr(layers[1], "_fxshear_reversible")
+    _step(example, model, batch)
+    plain = _step(example, _reversible_copy(example, variant="meft3", invert=False, checkpoint_every=1), batch)[1]
+    kept = _step(example, _reversible_copy(example, variant="meft3", checkpoint_every=1), batch)[1]
+    assert all(torch.equal(plain[k], kept[k]) for k in plain)
+
+
+def test_inexact_arithmetic_shows_the_rebuild_error_growing_with_depth(examples) -> None:
+    """MEFT's own arithmetic (exact=False): the error of each rebuilt input, measured."""
+    example = examples["minilm"]
+    batch = example.make_batch(2, 16, seed=0)
+    model = _reversible_copy(example, variant="meft1", exact=False)
+    stack = reversible_stack(model)
+    stack.measure = True
+    _step(example, model, batch)
+    errors = [stack.errors[i] for i in sorted(stack.errors, reverse=True)]  # from the top block down
+    assert len(errors) == 5 and errors[0] < 1e-5 and errors[-1] > 10 * errors[0], errors
+    exact = _reversible_copy(example, variant="meft1")
+    exact_stack = reversible_stack(exact)
+    exact_stack.measure = True
+    _step(example, exact, batch)
+    assert max(exact_stack.errors.values()) == 0.0
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"variant": "meft9"}, "variant must be one of"),
+    ({"adapter_dim": 0}, "adapter_dim"),
+    ({"blocks": [0, 2]}, "consecutive"),
+    ({"blocks": 99}, "has 6 blocks"),
+    ({"blocks": "encoder.nothing"}, "blocks='encoder.nothing'"),
+    ({"checkpoint_every": 0}, "checkpoint_every"),
+])
+def test_bad_configurations_are_clear_errors(examples, options: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        fxshear.reversible(copy.deepcopy(examples["minilm"].model), **options)
+
+
+def test_unknown_architecture_names_the_supported_ones_and_blocks() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"supported: bert .*decoder .*vit .*Point blocks="):
+        fxshear.reversible(model)
+
+
+def test_a_model_made_reversible_twice_is_an_error(examples) -> None:
+    model = _reversible_copy(examples["vit"])
+    with pytest.raises(ConfigError, match="already reversible"):
+        fxshear.reversible(model)
