@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fxshear.kernels.linear_cross_entropy import (
@@ -100,7 +100,9 @@ def assert_matches(actual, expected, dtype: torch.dtype, loss_rtol: float | None
     for g, r in zip(grads, ref_grads):
         assert g.dtype == r.dtype and g.shape == r.shape
         if r.abs().max() == 0:
-            assert g.abs().max() == 0
+            # exactly zero in eager (e.g. one class with label smoothing: p - (1 - eps) - eps/V),
+            # a rounding residue here: bounded on the scale of the probabilities, which is 1
+            assert g.abs().max() <= REL_TOL[dtype]
         else:
             assert rel_err(g, r) <= REL_TOL[dtype], (rel_err(g, r), dtype)
 
@@ -258,6 +260,9 @@ def test_chunk_size_changes_results_only_by_rounding(dtype: torch.dtype) -> None
     chunk_size=st.integers(1, 30),
     seed=st.integers(0, 2**16),
 )
+# one class with label smoothing: eager's gradient is exactly 0, ours a 1e-16 residue (found by hypothesis)
+@example(n=1, h=1, v=1, dtype=torch.float64, reduction="none", label_smoothing=0.05, bias=False, weighted=False,
+         ignore=0.0, chunk_size=1, seed=0)
 def test_hypothesis_against_eager(n, h, v, dtype, reduction, label_smoothing, bias, weighted, ignore,  # noqa: ANN001
                                   chunk_size, seed) -> None:
     args = make_inputs(n, h, v, dtype, bias=bias, ignore=ignore, seed=seed)

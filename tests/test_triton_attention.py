@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from helpers import DEVICE, DTYPES  # noqa: E402
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fxshear.kernels.attention import (  # noqa: E402
@@ -44,15 +44,15 @@ def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):  # noqa: ANN001, ANN2
     return (torch.randn(shape, generator=generator) * scale).to(dtype).to(DEVICE)
 
 
-def assert_rel_close(actual, expected, tol):  # noqa: ANN001, ANN201
-    """max |actual - expected| <= tol * max |expected|, NaN and inf in the same places."""
+def assert_rel_close(actual, expected, tol, floor=1e-30):  # noqa: ANN001, ANN201
+    """max |actual - expected| <= tol * max(max |expected|, floor), NaN and inf in the same places."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     special = ~torch.isfinite(expected)
     assert torch.equal(actual.isnan(), expected.isnan())
     assert torch.equal(actual[special & ~expected.isnan()], expected[special & ~expected.isnan()])
     a, e = actual[~special].double(), expected[~special].double()
     if e.numel():
-        assert (a - e).abs().max().item() <= tol * max(e.abs().max().item(), 1e-30)
+        assert (a - e).abs().max().item() <= tol * max(e.abs().max().item(), floor)
 
 
 def check_against_reference(q, k, v, mask, scale, p, *, block=None, seed=0):  # noqa: ANN001, ANN201
@@ -69,9 +69,13 @@ def check_against_reference(q, k, v, mask, scale, p, *, block=None, seed=0):  # 
 
     expected = attention_backward_reference(grad, q, k, v, mask, lse, bits, scale, p)
     actual = attention_backward_triton(grad, q, k, v, mask, t_lse, bits, scale, p, block_m=block, block_n=block)
+    # Against the largest of the three gradients: a gradient that is exactly zero in exact math
+    # (one key: dS = P·(dP − Δ) = 0) is a rounding residue in the kernels, which sum dP and Δ in
+    # different orders (the dk/dv kernel works on transposed tiles), as FlashAttention's do.
+    floor = max((float(e.abs().max()) for e in expected if e.numel() and e.isfinite().all()), default=1e-30)
     for a, e in zip(actual, expected):
         assert a.is_contiguous()
-        assert_rel_close(a, e, tol)
+        assert_rel_close(a, e, tol, floor)
     return t_out, actual
 
 
@@ -170,6 +174,8 @@ def test_invalid_arguments_raise() -> None:
     block=st.sampled_from([None, 16]),
     seed=st.integers(0, 2**16),
 )
+# one key: dk is exactly 0 in exact math, a rounding residue in the kernels (found by hypothesis)
+@example(batch=1, heads=1, sq=1, sk=1, dim=1, dv=17, dtype=torch.float32, p=0.0, masked=False, block=None, seed=0)
 def test_random_shapes_match_reference(batch, heads, sq, sk, dim, dv, dtype, p, masked, block, seed) -> None:  # noqa: ANN001, PLR0913
     q = randn(batch, heads, sq, dim, dtype=dtype, seed=seed)
     k = randn(batch, heads, sk, dim, dtype=dtype, seed=seed + 1)
