@@ -133,3 +133,20 @@ def test_a_model_made_reversible_twice_is_an_error(examples) -> None:
     model = _reversible_copy(examples["vit"])
     with pytest.raises(ConfigError, match="already reversible"):
         fxshear.reversible(model)
+
+
+def test_inexact_arithmetic_in_half_precision_warns_with_the_measured_error(examples) -> None:
+    model = copy.deepcopy(examples["minilm"].model).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"exact=False.*bfloat16.*tenfold per block.*exact=True"):
+        fxshear.reversible(model, exact=False)
+
+
+def test_exact_inversion_holds_in_bfloat16(examples) -> None:
+    example = examples["llama"]
+    model = copy.deepcopy(example.model).to(torch.bfloat16)
+    torch.manual_seed(1)
+    fxshear.reversible(model, variant="meft3")
+    stack = reversible_stack(model)
+    stack.measure = True
+    _step(example, model, example.make_batch(2, 16, seed=0))
+    assert stack.errors and max(stack.errors.values()) == 0.0

@@ -72,3 +72,40 @@ def test_compiled_inverted_minilm_saves_a_fraction_of_the_compiled_plain_stack()
 
 def test_the_grid_is_one_constant() -> None:
     assert coupling.GRID == GRID == 2.0**32
+
+
+@pytest.mark.slow
+def test_it_composes_with_train_step_and_a_memory_budget() -> None:
+    example = build_model("llama", dropout=True)
+    batch = example.make_batch(2, 16, seed=0)
+    _, eager, _, _ = _run(example, "meft1", invert=False, compiled=False, batch=batch)
+
+    model = copy.deepcopy(example.model)
+    torch.manual_seed(1)
+    fxshear.reversible(model, variant="meft1")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    grads: dict[str, torch.Tensor] = {}
+
+    def body(b):  # noqa: ANN001, ANN202
+        loss = example.loss(model, b)
+        loss.backward()
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    step = fxshear.train_step(model, optimizer, freeze=None, memory_budget=0.5)(body)
+    torch.manual_seed(5)
+    step(batch)
+    assert _max_rel(grads, eager) < 1e-5
+    assert step.saved_activation_bytes() > 0
+
+
+@pytest.mark.slow
+def test_inspect_shows_the_reversible_stack_saving_its_top_outputs() -> None:
+    example = build_model("llama", dropout=True)
+    model = copy.deepcopy(example.model)
+    fxshear.reversible(model, variant="meft3")
+    batch = example.make_batch(2, 16, seed=0)
+    report = fxshear.inspect(model, example_kwargs=batch)
+    text = report.diff() if hasattr(report, "diff") else str(report)
+    assert "float64" in text or "f64" in text
