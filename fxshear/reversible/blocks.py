@@ -126,29 +126,31 @@ class Reversibility:
             return ((y1 + y2) / 2).to(self.dtypes(block)[0])
         return torch.cat([y1, y2], dim=-1)
 
+    def _sum(self, block: nn.Module, scaled: torch.Tensor, factor: float, fn: Callable[..., torch.Tensor],
+             fn_input: torch.Tensor, call: dict[str, Any], rng: list | None,
+             marks: tuple[int, int, list[float]] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``factor · scaled + fn(fn_input)`` and the scaling's remainder; the random state
+        before ``fn`` goes to ``rng``; ``marks`` = (role of fn's output, role of the sum, info)."""
+        if rng is not None:
+            rng.append(_RandomState(fn_input.device))
+        s, remainder = self.coupling.scale(scaled, factor)
+        out = fn(block, fn_input, call)
+        if marks is None:
+            return s + out, remainder
+        out_role, sum_role, info = marks
+        return mark(s + mark(out, self.index, out_role, info), self.index, sum_role, info, remainder), remainder
+
     def forward_sums(self, block: nn.Module, x1: torch.Tensor, x2: torch.Tensor, call: dict[str, Any],
                      rng: list | None = None, marked: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:
         """(y1, y2, what the inverse needs besides them); ``rng`` collects the random states
         before F and before G, for the rebuild to replay; ``marked`` names the block's tensors
         for the compiled rebuild (:mod:`fxshear.kernels.reversible_mark`)."""
-        c, v, i = self.coupling, self.variant, self.index
+        v, i = self.variant, self.index
         info = [v.lam, v.beta, float(v.swap), float(self.keep_input)]
         if marked:
             x1, x2 = mark(x1, i, IN1, info), mark(x2, i, IN2, info)
-        if rng is not None:
-            rng.append(_RandomState(x2.device))
-        s1, r1 = c.scale(x1, v.lam)
-        f = self.f(block, x2, call)
-        y1 = s1 + (mark(f, i, F_OUT, info) if marked else f)
-        if marked:
-            y1 = mark(y1, i, Y1, info, r1)
-        if rng is not None:
-            rng.append(_RandomState(x2.device))
-        s2, r2 = c.scale(x2, v.beta)
-        g = self.g(block, y1, call)
-        y2 = s2 + (mark(g, i, G_OUT, info) if marked else g)
-        if marked:
-            y2 = mark(y2, i, Y2, info, r2)
+        y1, r1 = self._sum(block, x1, v.lam, self.f, x2, call, rng, (F_OUT, Y1, info) if marked else None)
+        y2, r2 = self._sum(block, x2, v.beta, self.g, y1, call, rng, (G_OUT, Y2, info) if marked else None)
         return y1, y2, [r1, r2]
 
 
