@@ -150,3 +150,48 @@ def test_exact_inversion_holds_in_bfloat16(examples) -> None:
     stack.measure = True
     _step(example, model, example.make_batch(2, 16, seed=0))
     assert stack.errors and max(stack.errors.values()) == 0.0
+
+
+def _hf_example(kind: str):  # noqa: ANN202
+    """Small random-weight configs of other members of the supported families."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "roberta":
+        config = transformers.RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, hidden_dropout_prob=0.1,
+                                            attention_probs_dropout_prob=0.1, attn_implementation="eager")
+        model = transformers.RobertaForSequenceClassification(config)
+    elif kind == "electra":
+        config = transformers.ElectraConfig(vocab_size=300, embedding_size=32, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.1,
+                                            attention_probs_dropout_prob=0.1, attn_implementation="eager")
+        model = transformers.ElectraForSequenceClassification(config)
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64, attention_dropout=0.1,
+                                          use_cache=False, attn_implementation="eager")
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.MistralConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, attention_dropout=0.1,
+                                            use_cache=False, attn_implementation="eager")
+        model = transformers.MistralForCausalLM(config)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1]) if kind in ("roberta", "electra") else ids
+    return model.train(), {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("kind", ["roberta", "electra", "qwen2", "mistral"])
+def test_other_family_members_invert_exactly(kind: str) -> None:
+    model, batch = _hf_example(kind)
+    grads = {}
+    for invert in (False, True):
+        copy_ = copy.deepcopy(model)
+        torch.manual_seed(1)
+        fxshear.reversible(copy_, variant="meft3", invert=invert)
+        torch.manual_seed(5)
+        copy_(**batch).loss.backward()
+        grads[invert] = {n: p.grad.clone() for n, p in copy_.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    assert all(torch.equal(grads[True][k], grads[False][k]) for k in grads[False])
