@@ -195,3 +195,13 @@ def test_other_family_members_invert_exactly(kind: str) -> None:
         grads[invert] = {n: p.grad.clone() for n, p in copy_.named_parameters() if p.requires_grad}
     assert grads[True].keys() == grads[False].keys() and grads[True]
     assert all(torch.equal(grads[True][k], grads[False][k]) for k in grads[False])
+
+
+def test_streams_beyond_the_exact_range_are_an_error_not_a_wrong_gradient(examples) -> None:
+    example = examples["llama"]
+    model = copy.deepcopy(example.model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e8)  # hidden states far above 2**20
+    fxshear.reversible(model, variant="meft1")
+    with pytest.raises(RuntimeError, match="beyond the exact fixed-point range"):
+        example.loss(model, example.make_batch(2, 8, seed=0)).backward()

@@ -24,7 +24,7 @@ from torch import nn
 
 from .architectures import Family, bind_call
 from ..kernels.reversible_mark import F_OUT, G_OUT, IN1, IN2, OUT1, OUT2, Y1, Y2, mark
-from .coupling import Coupling, on_grid
+from .coupling import STREAM_LIMIT, Coupling, on_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,9 @@ class StackState:
     def __init__(self) -> None:
         self.rebuilt: dict[int, torch.Tensor] = {}
         self.measure = False
+        #: exact mode: a stream reached STREAM_LIMIT in this forward (a device flag, read once per
+        #: backward, at the first block, so it costs one sync a step)
+        self.overflow: torch.Tensor | None = None
         #: block index -> max |rebuilt - exact| / max |exact| of its input (measure mode)
         self.errors: dict[int, float] = {}
 
@@ -203,6 +206,9 @@ class InvertedBlock(torch.autograd.Function):
         ctx.rng = []
         y1, y2, remainders = rev.forward_sums(block, x1, x2, call, ctx.rng)
         out1, out2 = (y2, y1) if rev.variant.swap else (y1, y2)
+        if rev.exact:
+            big = torch.maximum(y1.abs().amax(), y2.abs().amax()) >= STREAM_LIMIT
+            rev.stack.overflow = big if rev.first or rev.stack.overflow is None else rev.stack.overflow | big
         ctx.has_remainder = [r is not None for r in remainders]
         kept = [r for r in remainders if r is not None]
         if rev.last:
@@ -216,6 +222,12 @@ class InvertedBlock(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         block, rev, call = ctx.block, ctx.rev, ctx.call
         v, coupling = rev.variant, rev.coupling
+        if rev.last and rev.stack.overflow is not None and bool(rev.stack.overflow):
+            rev.stack.overflow = None
+            raise RuntimeError(
+                f"fxshear.reversible: a stream reached {STREAM_LIMIT:.0f} in magnitude, beyond the exact "
+                "fixed-point range, so the rebuilt inputs would not be the forward's; use exact=False "
+                "(MEFT's plain arithmetic, inexact) or keep the hidden states smaller")
         saved = list(ctx.saved_tensors)
         r1, r2 = (saved.pop(0) if has else None for has in ctx.has_remainder)
         if rev.last:
