@@ -28,7 +28,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.gpucheck import end_to_end, freezing, kernels  # noqa: E402
 from benchmarks.gpucheck.runner import Context, Report, Section, run_sections  # noqa: E402
+from benchmarks.saved_memory import git_commit  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "gpu"
 #: The whole run must fit in 8 minutes on the device; the limits leave a minute for start-up.
@@ -53,19 +53,11 @@ SECTIONS = [
 ]
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FXSHEAR_COMMIT", "unknown")
-
-
 def environment(device: str) -> dict[str, Any]:
     import torch
 
     env: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                           "commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__}
+                           "commit": git_commit() or os.environ.get("FXSHEAR_COMMIT", "unknown"), "python": platform.python_version(), "torch": torch.__version__}
     try:
         import triton
 

@@ -27,12 +27,12 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..saved_memory import _inductor as inductor  # plain Inductor under a backend object of its own
 from .runner import Check, Context
 
 MIB = 2**20
@@ -69,23 +69,11 @@ SMALL_MODELS = {"llama": (2, 16)}
 COSINE_FLOOR = {"exact": 0.999, "balanced": 0.95, "aggressive": 0.8}
 
 
-def _inductor_backend() -> Callable[..., Any]:
-    """Inductor under a backend object of its own, so Dynamo does not share one compiled graph
-    between the rows with and without a memory budget."""
-    from torch._inductor.compile_fx import compile_fx
-
-    def inductor(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-        return compile_fx(gm, example_inputs)
-
-    return inductor
-
-
 @dataclasses.dataclass
 class Prepared:
     config: Config
     module: nn.Module
     params: list[nn.Parameter]
-    backend: Any = None
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -100,7 +88,6 @@ class ModelRun:
         self.dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
         batch, seq = (SMALL_MODELS if ctx.small else MODELS)[name]
         self.example = build_model(name, size="small" if ctx.small else "bench", dropout=False, seed=SEED)
-        self.state = {k: v.detach().clone() for k, v in self.example.model.state_dict().items()}
         self.batch = {k: v.to(self.device) for k, v in self.example.make_batch(batch, seq, seed=SEED).items()}
         self.shape = f"b{batch} s{seq}"
         self.prepared: dict[str, Prepared] = {}
@@ -110,9 +97,7 @@ class ModelRun:
     def _fresh_model(self) -> nn.Module:
         import copy
 
-        model = copy.deepcopy(self.example.model)
-        model.load_state_dict(self.state)
-        return model.to(self.device, self.dtype).train()
+        return copy.deepcopy(self.example.model).to(self.device, self.dtype).train()
 
     def _step(self, prepared: Prepared) -> torch.Tensor:
         with prepared.config.step_context():
@@ -130,10 +115,10 @@ class ModelRun:
             backend = fxshear.backend(preset=config.preset)
             module: nn.Module = torch.compile(model, backend=backend)
         elif config.inductor:
-            module = torch.compile(model, backend=_inductor_backend())
+            module = inductor(model)
         else:
             module = model
-        prepared = Prepared(config, module, params, backend)
+        prepared = Prepared(config, module, params)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import threading
 import time
@@ -80,14 +79,8 @@ class Report:
 
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "gpu_check.json", json.dumps(self.to_json(), indent=1, default=_jsonable) + "\n")
+        _write_atomic(out / "gpu_check.json", json.dumps(self.to_json(), indent=1, default=str) + "\n")
         _write_atomic(out / "gpu_check.md", render_markdown(self))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
 
 
 def _write_atomic(path: Path, text: str) -> None:
