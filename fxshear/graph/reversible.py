@@ -159,19 +159,13 @@ class _Rebuilder:
         return memo, x1, x2
 
 
-def rebuild_reversible_blocks(gm: torch.fx.GraphModule) -> RebuildReport:
-    """Edit a joint graph so each reversible block's backward reads rebuilt tensors (see module
-    docstring); then remove the marks.  Each mark carries its block's [λ, β, swap, keep_input]."""
-    graph = gm.graph
-    report = RebuildReport()
-    marks: dict[tuple[int, int], torch.fx.Node] = {}
-    for node in graph.nodes:
-        if _is_mark(node):
-            marks[(int(node.args[2]), int(node.args[3]))] = node
-    if not marks:
-        return report
+def _rebuild(graph: torch.fx.Graph, marks: dict[tuple[int, int], torch.fx.Node], report: RebuildReport) -> None:
+    """The edit itself (module docstring); says in ``report`` what it did or why it did nothing."""
     blocks = sorted({block for block, _ in marks})
     missing = [(b, ROLE_NAMES[r]) for b in blocks for r in range(8) if (b, r) not in marks]
+    if missing:
+        report.skipped = f"marks missing for {missing[:4]}: the reversible stack is not whole in this graph"
+        return
     factors: dict[int, tuple[float, float]] = {}
     swaps: dict[int, bool] = {}
     kept: set[int] = set()
@@ -180,53 +174,61 @@ def rebuild_reversible_blocks(gm: torch.fx.GraphModule) -> RebuildReport:
         factors[b], swaps[b] = (float(lam), float(beta)), bool(swap)
         if keep:
             kept.add(b)
-    if missing:
-        report.skipped = f"marks missing for {missing[:4]}: the reversible stack is not whole in this graph"
-    else:
-        backward = _backward_nodes(graph)
-        order = {node: k for k, node in enumerate(graph.nodes)}
-        rebuilder = _Rebuilder(graph, marks, backward, factors)
-        regions = {b: _region([marks[(b, IN1)], marks[(b, IN2)]], [marks[(b, OUT1)], marks[(b, OUT2)]], backward)
-                   for b in blocks}
-        first_use: dict[int, torch.fx.Node] = {}
-        for b in blocks:
-            users = [u for n in regions[b] for u in n.users if u in backward]
-            if users:
-                first_use[b] = min(users, key=order.__getitem__)
-        if not first_use:
-            report.skipped = "no backward op reads the reversible blocks"
-        else:
-            # one insertion point per block, top block first; fall back to one shared point if
-            # the backward does not visit the blocks top-down
-            points = [first_use[b] for b in reversed(blocks) if b in first_use]
-            monotone = all(order[a] <= order[b] for a, b in zip(points, points[1:]))
-            shared = min(points, key=order.__getitem__)
-            rebuilt_in: dict[int, tuple[torch.fx.Node, torch.fx.Node]] = {}
-            for b in reversed(blocks):
-                if b + 1 in rebuilt_in and b + 1 not in kept:
-                    out1, out2 = rebuilt_in[b + 1]
-                elif b + 1 in kept:  # checkpoint_every: the block above kept its input (saved)
-                    out1, out2 = marks[(b + 1, IN1)], marks[(b + 1, IN2)]
-                else:  # the top block (of this graph): its outputs are saved
-                    out1, out2 = marks[(b, OUT1)], marks[(b, OUT2)]
-                y1, y2 = (out2, out1) if swaps[b] else (out1, out2)
-                point = first_use.get(b, shared) if monotone else shared
-                with graph.inserting_before(point):
-                    if b + 1 not in rebuilt_in or b + 1 in kept:
-                        # saved forward tensors: copied once more in the backward, so that the
-                        # copies of F and G differ from the forward's ops and the partitioner's
-                        # CSE does not merge them back (it would, and then save their outputs)
-                        y1, y2 = (rebuilder.fresh(y) for y in (y1, y2))
-                    memo, x1, x2 = rebuilder.rebuild_block(b, regions[b], y1, y2)
-                rebuilt_in[b] = (x1, x2)
-                for node in regions[b]:
-                    for user in list(node.users):
-                        if user in backward:
-                            user.replace_input_with(node, memo.get(node, node))
-                            report.redirected_uses += 1
-                report.blocks.append(b)
-            report.copied_nodes = rebuilder.copied
-    for node in list(graph.nodes):
+    backward = _backward_nodes(graph)
+    order = {node: k for k, node in enumerate(graph.nodes)}
+    regions = {b: _region([marks[(b, IN1)], marks[(b, IN2)]], [marks[(b, OUT1)], marks[(b, OUT2)]], backward)
+               for b in blocks}
+    first_use: dict[int, torch.fx.Node] = {}
+    for b in blocks:
+        users = [u for n in regions[b] for u in n.users if u in backward]
+        if users:
+            first_use[b] = min(users, key=order.__getitem__)
+    if not first_use:
+        report.skipped = "no backward op reads the reversible blocks"
+        return
+    # one insertion point per block, top block first; fall back to one shared point if the
+    # backward does not visit the blocks top-down
+    points = [first_use[b] for b in reversed(blocks) if b in first_use]
+    monotone = all(order[a] <= order[b] for a, b in zip(points, points[1:]))
+    shared = min(points, key=order.__getitem__)
+    rebuilder = _Rebuilder(graph, marks, backward, factors)
+    rebuilt_in: dict[int, tuple[torch.fx.Node, torch.fx.Node]] = {}
+    for b in reversed(blocks):
+        if b + 1 in kept:  # checkpoint_every: the block above kept its input (saved)
+            outs = marks[(b + 1, IN1)], marks[(b + 1, IN2)]
+        elif b + 1 in rebuilt_in:
+            outs = rebuilt_in[b + 1]
+        else:  # the top block (of this graph): its outputs are saved
+            outs = marks[(b, OUT1)], marks[(b, OUT2)]
+        saved = b + 1 in kept or b + 1 not in rebuilt_in
+        y1, y2 = (outs[1], outs[0]) if swaps[b] else outs
+        with graph.inserting_before(first_use.get(b, shared) if monotone else shared):
+            if saved:
+                # saved forward tensors: copied once more in the backward, so that the copies of
+                # F and G differ from the forward's ops and the partitioner's CSE does not merge
+                # them back (it would, and then save their outputs)
+                y1, y2 = rebuilder.fresh(y1), rebuilder.fresh(y2)
+            memo, x1, x2 = rebuilder.rebuild_block(b, regions[b], y1, y2)
+        rebuilt_in[b] = (x1, x2)
+        for node in regions[b]:
+            for user in list(node.users):
+                if user in backward:
+                    user.replace_input_with(node, memo.get(node, node))
+                    report.redirected_uses += 1
+        report.blocks.append(b)
+    report.copied_nodes = rebuilder.copied
+
+
+def rebuild_reversible_blocks(gm: torch.fx.GraphModule) -> RebuildReport:
+    """Edit a joint graph so each reversible block's backward reads rebuilt tensors (see module
+    docstring); then remove the marks.  Each mark carries its block's [λ, β, swap, keep_input]."""
+    graph = gm.graph
+    report = RebuildReport()
+    marks = {(int(node.args[2]), int(node.args[3])): node for node in graph.nodes if _is_mark(node)}
+    if not marks:
+        return report
+    _rebuild(graph, marks, report)
+    for node in list(graph.nodes):  # the marks and their copies
         if _is_mark(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)

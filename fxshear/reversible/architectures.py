@@ -135,10 +135,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-def bind_call(forward: Callable[..., Any], block: nn.Module, hidden: torch.Tensor, args: tuple,
+def bind_call(signature: inspect.Signature, block: nn.Module, hidden: torch.Tensor, args: tuple,
               kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The block forward's arguments by name, as the model's loop passed them."""
-    bound = inspect.signature(forward).bind(block, hidden, *args, **kwargs)
+    """The block forward's arguments by name, as the model's loop passed them (``signature``:
+    the original forward's, read once when the block is converted, not every step)."""
+    bound = signature.bind(block, hidden, *args, **kwargs)
     arguments = dict(bound.arguments)
     arguments.pop("self", None)
     extra = arguments.pop("kwargs", None) or {}

@@ -16,6 +16,7 @@ compiled backward (docs/design.md §11).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -77,8 +78,15 @@ class Reversibility:
     invert: bool
     keep_input: bool  # checkpoint_every: this block's input is kept exactly
     stack: StackState
-    original_forward: Callable[..., Any]
+    #: the block class's own forward's signature, to bind the arguments the model's loop passes
+    signature: inspect.Signature
     exact: bool = True  # fixed-point streams and remainders (fxshear/reversible/coupling.py)
+
+    @property
+    def mark_info(self) -> list[float]:
+        """What every mark carries for the compiled rebuild: [λ, β, swap, keep_input]."""
+        v = self.variant
+        return [v.lam, v.beta, float(v.swap), float(self.keep_input)]
 
     @property
     def coupling(self) -> Coupling:
@@ -149,7 +157,7 @@ class Reversibility:
         before F and before G, for the rebuild to replay; ``marked`` names the block's tensors
         for the compiled rebuild (:mod:`fxshear.kernels.reversible_mark`)."""
         v, i = self.variant, self.index
-        info = [v.lam, v.beta, float(v.swap), float(self.keep_input)]
+        info = self.mark_info
         if marked:
             x1, x2 = mark(x1, i, IN1, info), mark(x2, i, IN2, info)
         y1, r1 = self._sum(block, x1, v.lam, self.f, x2, call, rng, (F_OUT, Y1, info) if marked else None)
@@ -166,9 +174,7 @@ def two_stream_forward(rev: Reversibility, block: nn.Module, x: torch.Tensor, ca
     if rev.variant.swap:
         y1, y2 = y2, y1
     if marked:
-        v = rev.variant
-        info = [v.lam, v.beta, float(v.swap), float(rev.keep_input)]
-        y1, y2 = mark(y1, rev.index, OUT1, info), mark(y2, rev.index, OUT2, info)
+        y1, y2 = mark(y1, rev.index, OUT1, rev.mark_info), mark(y2, rev.index, OUT2, rev.mark_info)
     return rev.join(block, y1, y2)
 
 
@@ -277,7 +283,7 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 def reversible_forward(block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The forward of every reversible block (set on its class by :func:`fxshear.reversible`)."""
     rev: Reversibility = block._fxshear_reversible
-    call = bind_call(rev.original_forward, block, hidden_states, args, kwargs)
+    call = bind_call(rev.signature, block, hidden_states, args, kwargs)
     for name in rev.family.unsupported:
         if call.get(name) is not None:
             raise NotImplementedError(f"a reversible {rev.family.name} block cannot take {name!r} "

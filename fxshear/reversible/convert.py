@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Sequence
@@ -130,7 +131,7 @@ def reversible(model: nn.Module, variant: str = "meft1", adapter_dim: int = 8, b
         keep = checkpoint_every is not None and position > 0 and position % checkpoint_every == 0
         block._fxshear_reversible = Reversibility(
             variant=spec, family=family, index=position, first=position == 0, last=position == len(chosen) - 1,
-            invert=invert, keep_input=keep, stack=stack, original_forward=type(block).forward,
+            invert=invert, keep_input=keep, stack=stack, signature=inspect.signature(type(block).forward),
             exact=exact)
         block.__class__ = _reversible_class(type(block))
     dtype = next(block_list[chosen[0]].parameters()).dtype
