@@ -286,11 +286,10 @@ def covering(launches: list[Launch]) -> list[Launch]:
     return list(groups.values())
 
 
-def _features_on(launch: Launch) -> int:
-    """Boolean constexprs that are True, plus optional arguments given (not ``None``)."""
-    constants = dict(launch.constexprs)
-    optional_given = sum(1 for name, t in launch.signature if t != "constexpr")
-    return sum(v is True for v in constants.values()) * 1000 + optional_given
+def _features_on(launch: Launch) -> tuple[int, int]:
+    """(boolean constexprs that are True, runtime arguments given): compared in that order."""
+    flags_on = sum(v is True for _, v in launch.constexprs)
+    return flags_on, sum(1 for _, t in launch.signature if t != "constexpr")
 
 
 def production_launches(families: tuple[str, ...] | None = None) -> list[Launch]:
