@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fxshear
@@ -141,6 +143,12 @@ def test_inexact_arithmetic_in_half_precision_warns_with_the_measured_error(exam
         fxshear.reversible(model, exact=False)
 
 
+def test_float16_warns_that_gradients_need_loss_scaling(examples) -> None:
+    model = copy.deepcopy(examples["minilm"].model).to(torch.float16)
+    with pytest.warns(UserWarning, match=r"float16 gradients underflow without loss scaling.*GradScaler"):
+        fxshear.reversible(model)
+
+
 def test_exact_inversion_holds_in_bfloat16(examples) -> None:
     example = examples["llama"]
     model = copy.deepcopy(example.model).to(torch.bfloat16)
@@ -167,6 +175,11 @@ def _hf_example(kind: str):  # noqa: ANN202
                                             num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.1,
                                             attention_probs_dropout_prob=0.1, attn_implementation="eager")
         model = transformers.ElectraForSequenceClassification(config)
+    elif kind == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                               dropout=0.1, attention_dropout=0.1, seq_classif_dropout=0.1,
+                                               attn_implementation="eager")
+        model = transformers.DistilBertForSequenceClassification(config)
     elif kind == "qwen2":
         config = transformers.Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=64, attention_dropout=0.1,
@@ -178,18 +191,20 @@ def _hf_example(kind: str):  # noqa: ANN202
                                             use_cache=False, attn_implementation="eager")
         model = transformers.MistralForCausalLM(config)
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([0, 1]) if kind in ("roberta", "electra") else ids
+    labels = torch.tensor([0, 1]) if kind in ("roberta", "electra", "distilbert") else ids
     return model.train(), {"input_ids": ids, "labels": labels}
 
 
-@pytest.mark.parametrize("kind", ["roberta", "electra", "qwen2", "mistral"])
-def test_other_family_members_invert_exactly(kind: str) -> None:
+@pytest.mark.parametrize("kind, variant", [("roberta", "meft3"), ("electra", "meft3"), ("qwen2", "meft3"),
+                                           ("mistral", "meft3"), ("distilbert", "meft1"), ("distilbert", "meft2"),
+                                           ("distilbert", "meft3")])
+def test_other_family_members_invert_exactly(kind: str, variant: str) -> None:
     model, batch = _hf_example(kind)
     grads = {}
     for invert in (False, True):
         copy_ = copy.deepcopy(model)
         torch.manual_seed(1)
-        fxshear.reversible(copy_, variant="meft3", invert=invert)
+        fxshear.reversible(copy_, variant=variant, invert=invert)
         torch.manual_seed(5)
         copy_(**batch).loss.backward()
         grads[invert] = {n: p.grad.clone() for n, p in copy_.named_parameters() if p.requires_grad}
@@ -205,3 +220,30 @@ def test_streams_beyond_the_exact_range_are_an_error_not_a_wrong_gradient(exampl
     fxshear.reversible(model, variant="meft1")
     with pytest.raises(RuntimeError, match="beyond the exact fixed-point range"):
         example.loss(model, example.make_batch(2, 8, seed=0)).backward()
+
+
+@settings(max_examples=12, deadline=None)
+@given(variant=st.sampled_from(sorted(VARIANTS)), layers=st.integers(1, 3), hidden=st.sampled_from([8, 16, 24]),
+       adapter_dim=st.integers(1, 8), batch=st.integers(1, 3), seq=st.integers(2, 9),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_inversion_is_exact_over_shapes_and_dtypes(variant: str, layers: int, hidden: int, adapter_dim: int,
+                                                   batch: int, seq: int, dtype: torch.dtype) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=2 * hidden, hidden_dropout_prob=0.1,
+                                     attention_probs_dropout_prob=0.1, attn_implementation="eager")
+    model = transformers.BertForSequenceClassification(config).to(dtype).train()
+    ids = torch.randint(0, 50, (batch, seq), generator=torch.Generator().manual_seed(seq))
+    labels = torch.arange(batch) % 2
+    grads = {}
+    for invert in (False, True):
+        copy_ = copy.deepcopy(model)
+        torch.manual_seed(1)
+        fxshear.reversible(copy_, variant=variant, adapter_dim=adapter_dim, invert=invert)
+        torch.manual_seed(5)
+        copy_(input_ids=ids, labels=labels).loss.backward()
+        grads[invert] = {n: p.grad.clone() for n, p in copy_.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    assert all(torch.equal(grads[True][k], grads[False][k]) for k in grads[False])

@@ -109,3 +109,22 @@ def test_inspect_shows_the_reversible_stack_saving_its_top_outputs() -> None:
     report = fxshear.inspect(model, example_kwargs=batch)
     text = report.diff() if hasattr(report, "diff") else str(report)
     assert "float64" in text or "f64" in text
+
+
+def test_compiled_checkpoint_every_keeps_those_inputs_and_matches_eager() -> None:
+    example = build_model("minilm", dropout=True)
+    batch = example.make_batch(2, 16, seed=0)
+    _, eager, _, _ = _run(example, "meft1", invert=False, compiled=False, batch=batch)
+    model = copy.deepcopy(example.model)
+    torch.manual_seed(1)
+    fxshear.reversible(model, variant="meft1", checkpoint_every=2)  # blocks 2 and 4 keep their inputs
+    backend = fxshear.backend(preset="exact")
+    _, grads, runtime = _grads(example, torch.compile(model, backend=backend), model, batch)
+    assert _max_rel(grads, eager) < 1e-5
+    entries = [e for region in backend.regions for e in region.ledger.entries if e.kind == "activation"]
+    streams = [e for e in entries if e.dtype == "float64"]
+    # the top block's two output streams, and the kept inputs of blocks 2 and 4 (both streams each, as
+    # the one concatenated tensor that travels between blocks): six streams' worth, nothing else
+    stream_bytes = 2 * 16 * 384 * 8
+    assert sum(e.bytes for e in streams) == 6 * stream_bytes, [(e.shape, e.dtype) for e in streams]
+    assert sum(region.ledger.activation_bytes for region in backend.regions) == runtime

@@ -10,8 +10,9 @@ adapter added inside.  Each family below knows its Hugging Face block's submodul
   (``parallel=False``, MEFT3) or beside it, fed the sub-block's input (``parallel=True``: MEFT1's
   adapter "in parallel to the FFN").
 
-Families: ``bert`` (post-norm: BERT, RoBERTa, ELECTRA, MiniLM), ``decoder`` (pre-norm with RMSNorm
-and a gated MLP: Llama, Qwen2, Mistral), ``vit`` (pre-norm ViT).
+Families: ``bert`` (post-norm: BERT, RoBERTa, ELECTRA, MiniLM), ``distilbert`` (post-norm, its own
+submodule names), ``decoder`` (pre-norm with RMSNorm and a gated MLP: Llama, Qwen2, Mistral), ``vit``
+(pre-norm ViT).
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def _bert_mlp(block: nn.Module, a: torch.Tensor, adapter: Adapter | None, parall
     return out.LayerNorm(_with_adapter(h, adapter, a if parallel else None) + a)
 
 
+# --- DistilBERT: post-norm like BERT; dropout sits inside ``ffn`` and on the attention weights -----
+
+def _distilbert_attention(block: nn.Module, x: torch.Tensor, call: dict[str, Any],
+                          adapter: Adapter | None) -> torch.Tensor:
+    a = block.attention(x, attention_mask=call.get("attention_mask"))[0]
+    return block.sa_layer_norm(_with_adapter(a, adapter) + x)
+
+
+def _distilbert_mlp(block: nn.Module, a: torch.Tensor, adapter: Adapter | None, parallel: bool) -> torch.Tensor:
+    return block.output_layer_norm(_with_adapter(block.ffn(a), adapter, a if parallel else None) + a)
+
+
 # --- decoders: pre-norm, x + attn(norm(x)), h + mlp(norm(h)) ------------------------------------
 
 def _decoder_attention(block: nn.Module, x: torch.Tensor, call: dict[str, Any], adapter: Adapter | None) -> torch.Tensor:
@@ -102,6 +115,9 @@ FAMILIES: tuple[Family, ...] = (
             "output.dense", "output.LayerNorm"),
            _bert_attention, _bert_mlp, lambda b: b.output.dense.out_features, ("attention_mask",),
            unsupported=("encoder_hidden_states", "cache", "past_key_values")),
+    Family("distilbert", "DistilBERT", ("attention.q_lin", "sa_layer_norm", "ffn.lin1", "output_layer_norm"),
+           _distilbert_attention, _distilbert_mlp, lambda b: b.sa_layer_norm.normalized_shape[0],
+           ("attention_mask",)),
     Family("decoder", "Llama, Qwen2, Mistral",
            ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
            _decoder_attention, _decoder_mlp, lambda b: b.self_attn.o_proj.out_features,
