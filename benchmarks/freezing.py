@@ -241,7 +241,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def svg_curves(curves: dict[str, Any], width: int = 640, height: int = 360) -> str:
     """Training loss per step (5-step moving mean) of each run, as a small SVG line chart."""
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     smoothed = {}
     for name, r in curves.items():
         losses = r["losses"]
