@@ -11,12 +11,15 @@
    what autograd kept (``fxshear.measure_saved_bytes``).
 2. **Depth**: LLaMA-style configs of 6, 12 and 24 blocks (hidden 256), ledger of the partitioned
    graphs (fxshear's analysis mode, no code generation): full fine-tuning (torch.compile's
-   partition of the unrewritten graph) against MEFT1 ``invert=True`` (LM head frozen).
+   partition of the unrewritten graph) against MEFT1 ``invert=True`` (LM head frozen), also with
+   dropout off and with MEFT's plain arithmetic, which splits each block's bytes into remainders
+   and masks.
 3. **Rebuild error per block** by dtype, exact and MEFT's plain arithmetic, and
    ``checkpoint_every=2``; 4. **starting point**: each variant's final hidden state and task loss
-   at initialisation against the pretrained model's, on a real docstring batch.
+   at initialisation against the pretrained model's, on a real docstring batch; 5. **float16
+   without loss scaling**: how far the adapters' gradients fall from float32's.
 
-Writes ``reversible.json`` and ``reversible.md``.
+``--only depth,fp16`` reruns those sections into the existing results.  Writes ``reversible.json`` and ``reversible.md``.
 """
 
 from __future__ import annotations
@@ -158,23 +161,36 @@ def rebuild_error() -> list[dict[str, Any]]:
     return out
 
 
+DEPTH_ROWS = (  # label, reversible, exact arithmetic, dropout
+    ("full FT", False, True, 0.1),
+    ("MEFT1 inverted", True, True, 0.1),
+    ("MEFT1 inverted, dropout off", True, True, 0.0),
+    ("MEFT1 inverted, plain arithmetic, dropout off", True, False, 0.0),
+)
+
+
 def depth(quick: bool) -> list[dict[str, Any]]:
-    """Ledger bytes of full fine-tuning and MEFT1 (inverted) at 6, 12 and 24 blocks."""
+    """Ledger bytes of full fine-tuning and MEFT1 (inverted) at 6, 12 and 24 blocks; with dropout
+    off and with MEFT's plain arithmetic too, to show what each block's bytes are for."""
+    import warnings
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = []
     batch, seq = (2, 32) if quick else (8, 256)
     for layers in ((2, 4) if quick else (6, 12, 24)):
         row: dict[str, Any] = {"blocks": layers, "batch": batch, "seq": seq}
-        for label, reversible in (("full FT", False), ("MEFT1 inverted", True)):
+        for label, reversible, exact, dropout in DEPTH_ROWS:
             torch.manual_seed(0)
             config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
                                  num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
-                                 attention_dropout=0.1, use_cache=False, tie_word_embeddings=False,
+                                 attention_dropout=dropout, use_cache=False, tie_word_embeddings=False,
                                  attn_implementation="eager")
             model = LlamaForCausalLM(config).train()
             if reversible:
-                fxshear.reversible(model, variant="meft1", train_head=False)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # exact=False's warning: the point of that row
+                    fxshear.reversible(model, variant="meft1", train_head=False, exact=exact)
             cfg = fxshear.ShearConfig.from_options(preset="exact" if reversible else "none")
             backend = fxshear.ShearBackend(cfg, codegen=False)
             ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -183,8 +199,42 @@ def depth(quick: bool) -> list[dict[str, Any]]:
             loss.backward()
             row[f"{label} MiB"] = sum(r.ledger.activation_bytes for r in backend.regions) / MIB
         row["ratio"] = row["MEFT1 inverted MiB"] / row["full FT MiB"]
-        console.print(f"  {layers} blocks: full FT {row['full FT MiB']:.1f} MiB, MEFT1 inverted "
-                      f"{row['MEFT1 inverted MiB']:.1f} MiB ({row['ratio']:.3f}x)")
+        console.print(f"  {layers} blocks: " + ", ".join(f"{label} {row[label + ' MiB']:.2f} MiB"
+                                                     for label, *_ in DEPTH_ROWS))
+        out.append(row)
+    return out
+
+
+def fp16_underflow() -> list[dict[str, Any]]:
+    """float16 without loss scaling: the adapters' gradients (MEFT1, exact rebuild) against
+    float32's, MiniLM b4 s32, dropout off, unscaled and with a loss scale of 1024."""
+    import copy
+    import warnings
+
+    from fxshear.zoo.models import build_model
+
+    example = build_model("minilm", dropout=False)
+    batch = example.make_batch(4, 32, seed=0)
+    grads = {}
+    for dtype, scale in ((torch.float32, 1.0), (torch.float16, 1.0), (torch.float16, 1024.0)):
+        model = copy.deepcopy(example.model).to(dtype)
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the float16 warning quotes this measurement
+            fxshear.reversible(model, variant="meft1")
+        (example.loss(model, batch).float() * scale).backward()
+        grads[(dtype, scale)] = torch.cat([p.grad.float().flatten() / scale for n, p in model.named_parameters()
+                                           if p.requires_grad and "meft" in n])
+    reference = grads[(torch.float32, 1.0)]
+    out = []
+    for (dtype, scale), g in grads.items():
+        if dtype == torch.float32:
+            continue
+        row = {"dtype": str(dtype).removeprefix("torch."), "loss_scale": scale,
+               "relative_error": float((g - reference).norm() / reference.norm()),
+               "flushed_to_zero": float(((g == 0) & (reference != 0)).float().mean())}
+        console.print(f"  {row['dtype']} loss scale {scale:g}: {row['relative_error']:.1e} relative off float32, "
+                      f"{row['flushed_to_zero']:.2%} of the adapters' gradient elements flushed to zero")
         out.append(row)
     return out
 
@@ -227,10 +277,26 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["starting_point"]:
         lines.append(f"| {row['variant']} | {row['token_cosine_mean']:.4f} | {row['relative_error']:.3f} | "
                      f"{row['loss']:.4f} | {row['pretrained_loss']:.4f} |")
-    lines += ["", "## Depth (LLaMA-style, hidden 256, ledger of the partitioned graphs)", "",
-              "| blocks | full FT (MiB) | MEFT1 inverted (MiB) | ratio |", "| ---: | ---: | ---: | ---: |"]
-    for row in results["depth"]:
-        lines.append(f"| {row['blocks']} | {row['full FT MiB']:.1f} | {row['MEFT1 inverted MiB']:.1f} | {row['ratio']:.3f} |")
+    depth_rows = results["depth"]
+    labels = [label for label, *_ in DEPTH_ROWS if depth_rows and f"{label} MiB" in depth_rows[0]]
+    lines += ["", "## Depth (LLaMA-style, hidden 256, b8 s256, LM head frozen, ledger of the partitioned graphs)", "",
+              "| blocks | " + " | ".join(f"{label} (MiB)" for label in labels) + " | MEFT1 inverted / full FT |",
+              "| ---: |" + " ---: |" * (len(labels) + 1)]
+    for row in depth_rows:
+        lines.append(f"| {row['blocks']} | " + " | ".join(f"{row[label + ' MiB']:.2f}" for label in labels)
+                     + f" | {row['ratio']:.3f} |")
+    if len(depth_rows) > 1:
+        first, last = depth_rows[0], depth_rows[-1]
+        blocks = last["blocks"] - first["blocks"]
+        lines += ["", "Growth per block (MiB): " + ", ".join(
+            f"{label} {(last[label + ' MiB'] - first[label + ' MiB']) / blocks:.3f}" for label in labels) + "."]
+    if results.get("fp16"):
+        lines += ["", "## float16 without loss scaling (MiniLM b4 s32, MEFT1, exact rebuild, dropout off)", "",
+                  "| dtype | loss scale | adapters' gradient vs float32 (relative) | elements flushed to zero |",
+                  "| --- | ---: | ---: | ---: |"]
+        for row in results["fp16"]:
+            lines.append(f"| {row['dtype']} | {row['loss_scale']:g} | {row['relative_error']:.1e} | "
+                         f"{row['flushed_to_zero']:.2%} |")
     lines += ["", "Notes:", "",
               "- fp32, dropout 0.1 (LoRA's dropout 0.1 too); step = forward + backward, median of the timed steps, "
               "rows interleaved.",
@@ -247,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--models", default="minilm,llama")
+    parser.add_argument("--only", help="comma-separated sections to rerun (depth, fp16, rebuild_error, "
+                        "starting_point), the rest kept from the existing reversible.json")
     args = parser.parse_args(argv)
     steps = args.steps or (2 if args.quick else 4)
     out = args.out or (Path("/tmp/fxshear-reversible-quick") if args.quick else DEFAULT_OUT)
@@ -254,6 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     specs = {"minilm": ModelSpec("minilm", "bench", batch=2 if args.quick else 16, seq=32 if args.quick else 128),
              "llama": ModelSpec("llama", "small" if args.quick else "bench", batch=2 if args.quick else 8,
                                 seq=32 if args.quick else 256)}
+    sections = {"rebuild_error": rebuild_error, "starting_point": starting_point,
+                "depth": lambda: depth(args.quick), "fp16": fp16_underflow}
+    if args.only:
+        unknown = sorted(set(args.only.split(",")) - set(sections))
+        if unknown:
+            parser.error(f"unknown sections {unknown}; choose from {sorted(sections)}")
+        results = json.loads((out / "reversible.json").read_text())
+        for name in args.only.split(","):
+            console.print(f"[bold]{name}[/bold]")
+            results[name] = sections[name]()
+        results.setdefault("reruns", []).append({"sections": args.only, "machine": machine_info()})
+        (out / "reversible.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (out / "reversible.md").write_text(markdown(results))
+        console.print(f"updated {out / 'reversible.json'} and {out / 'reversible.md'}")
+        return 0
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "models": {}}
     torch._dynamo.config.cache_size_limit = 64
     with Progress(console=console, transient=True) as progress:
@@ -262,12 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             spec = specs[name]
             rows = run_model(spec, configs(name), steps, progress, overall)
             results["models"][name] = {"label": spec.label, "rows": [r.__dict__ for r in rows]}
-    console.print("[bold]rebuild error[/bold]")
-    results["rebuild_error"] = rebuild_error()
-    console.print("[bold]starting point[/bold]")
-    results["starting_point"] = starting_point()
-    console.print("[bold]depth[/bold]")
-    results["depth"] = depth(args.quick)
+    for name, section in sections.items():
+        console.print(f"[bold]{name}[/bold]")
+        results[name] = section()
     results["wall_s"] = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     (out / "reversible.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
