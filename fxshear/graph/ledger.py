@@ -193,7 +193,7 @@ def build_ledger(
             origin = input_origins[index] if index is not None and index < len(input_origins) else Origin()
         else:
             kind = ACTIVATION
-            origin = next((origins[n] for n in origin_names(node, dynamo_graph_id) if n in origins), Origin())
+            origin = _activation_origin(node, root, origins, dynamo_graph_id)
         ledger.entries.append(
             SavedTensor(
                 name=node.name,
@@ -208,6 +208,27 @@ def build_ledger(
             )
         )
     return ledger
+
+
+def _activation_origin(node: torch.fx.Node, root: torch.fx.Node, origins: Mapping[str, Origin],
+                       graph_id: int, max_steps: int = 8) -> Origin:
+    """Where a saved activation came from.  Nodes the partitioner or a decomposition made (a
+    ``permute`` of attention scores saved for a ``bmm``'s backward) have no Dynamo origin of
+    their own; they take the module and source of the nearest producer up their first-argument
+    chain that has one (its view root first), never its pass, which did not make them."""
+    own = next((origins[n] for n in origin_names(node, graph_id) if n in origins), None)
+    if own is not None:
+        return own
+    candidate = root
+    for _ in range(max_steps):
+        found = next((origins[n] for n in origin_names(candidate, graph_id) if n in origins), None)
+        if found is not None:
+            return Origin(source=found.source, module=found.module)
+        inputs = [a for a in candidate.args if isinstance(a, torch.fx.Node)]
+        if candidate.op != "call_function" or not inputs:
+            break
+        candidate = inputs[0]
+    return Origin()
 
 
 _ALIASING_OPS = {

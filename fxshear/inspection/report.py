@@ -60,14 +60,15 @@ class InspectionReport:
         """fxshear activation bytes / torch.compile activation bytes."""
         return self.shear.activation_bytes / max(self.baseline.activation_bytes, 1)
 
-    def diff(self, kind: str = "forward") -> str:
-        """Unified diff of one readable graph kind, region by region, torch.compile → fxshear."""
+    def diff(self, kind: str = "forward", context: int = 3) -> str:
+        """Unified diff of one readable graph kind, region by region, torch.compile → fxshear
+        (``context`` unchanged lines around each change)."""
         if kind not in GRAPH_KINDS:
             raise ValueError(f"kind must be one of {GRAPH_KINDS}, got {kind!r}")
         parts = []
         for i, (before, after) in enumerate(zip(self.graphs_before, self.graphs_after)):
             parts.append(graph_diff(before.get(kind, ""), after.get(kind, ""),
-                                    f"torch.compile/region{i}/{kind}", f"fxshear/region{i}/{kind}"))
+                                    f"torch.compile/region{i}/{kind}", f"fxshear/region{i}/{kind}", context))
         return "".join(parts)
 
     def pass_bytes(self) -> dict[str, int]:
@@ -139,10 +140,10 @@ class InspectionReport:
         return str(target)
 
 
-def graph_diff(before: str, after: str, label_before: str, label_after: str) -> str:
+def graph_diff(before: str, after: str, label_before: str, label_after: str, context: int = 3) -> str:
     """Unified diff of two readable graphs."""
     return "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
-                                        label_before, label_after))
+                                        label_before, label_after, n=context))
 
 
 def _analyse(model: torch.nn.Module, backend: ShearBackend, args: tuple[Any, ...],
