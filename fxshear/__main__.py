@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS)
     ins.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                      help="an fxshear option, repeatable (e.g. memory_budget=0.5)")
+    ins.add_argument("--ledger", action="store_true",
+                     help="also print every saved tensor, one unabridged line each")
     ins.add_argument("--html", help="write the HTML report here")
     ins.add_argument("--json", help="write the report data here")
     return parser
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, TypeError, ModuleNotFoundError) as error:
         console.print(f"[red]fxshear inspect: {error}[/red]", soft_wrap=True)
         return 2
-    report.print()
+    report.print(console, ledger=args.ledger)
     if args.html:
         console.print(f"HTML report: {report.save_html(args.html)}")
     if args.json:

@@ -22,7 +22,6 @@ from ..graph.ledger import ModelLedger
 from ..passes import PASSES
 from ..passes.base import PassReport
 from ..region import Region
-from .text import format_mib, left_alone  # noqa: F401  (re-exported)
 
 GRAPH_KINDS = ("forward", "backward", "joint")
 
@@ -93,42 +92,12 @@ class InspectionReport:
             ],
         }
 
-    def summary_table(self) -> Any:
-        """A rich table of the totals."""
-        from rich.table import Table
+    def print(self, console: Any = None, ledger: bool = False) -> None:
+        """The terminal summary, readable at 80 columns (:mod:`fxshear.inspection.terminal`);
+        ``ledger`` adds every saved tensor, one unabridged line each."""
+        from .terminal import print_report
 
-        table = Table(title=f"saved for backward: torch.compile vs fxshear ({self.config.preset})")
-        for column in ("", "torch.compile", "fxshear", "ratio"):
-            table.add_column(column, justify="right")
-        for label, attr in (("activations", "activation_bytes"), ("parameters", "parameter_bytes"),
-                            ("inputs", "input_bytes")):
-            before, after = getattr(self.baseline, attr), getattr(self.shear, attr)
-            table.add_row(label, format_mib(before), format_mib(after), f"{after / before:.3f}" if before else "-")
-        return table
-
-    def pass_table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title="what each pass did")
-        for column in ("region", "pass", "rewritten", "removed (all regions)", "left alone (reason)", "error"):
-            table.add_column(column)
-        removed = self.bytes_removed()
-        for region in self.passes:
-            for report in region.reports:
-                freed = format_mib(removed[report.name]) if report.name in removed else "-"
-                table.add_row(region.region, report.name, str(len(report.rewritten)), freed,
-                              left_alone(report), report.error or "")
-            if region.fallback_reason:
-                table.add_row(region.region, "(fallback)", "0", "", "", region.fallback_reason)
-        return table
-
-    def print(self) -> None:
-        from rich.console import Console
-
-        console = Console()
-        console.print(self.summary_table())
-        console.print(self.pass_table())
-        console.print(self.shear.table("fxshear: activations saved for backward"))
+        print_report(self, console, ledger)
 
     def save_html(self, path: str | os.PathLike[str]) -> str:
         """Write one self-contained HTML page (creating its folder); returns the absolute path."""

@@ -158,11 +158,10 @@ def module_types(node: torch.fx.Node) -> list[tuple[str, str]]:
 
 def module_path(node: torch.fx.Node) -> str:
     """Dotted path of the innermost user module a node came from ('' at top level)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path, _ = list(stack.values())[-1]
-    return _clean_module_path(path)
+    # entries rooted at a global (``G['__import_...']``: a module object Dynamo reached through a
+    # module-level name, such as a kernel-hub wrapper of a function) are not the user's module tree
+    paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if not path.startswith("G[")]
+    return _clean_module_path(paths[-1]) if paths else ""
 
 
 _DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\](\[\d+\])*\.?")
