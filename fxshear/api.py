@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .backend import ShearBackend, backends
+from .config import ConfigError
 from .graph.ledger import ModelLedger
 from .region import Region
 
@@ -37,5 +38,17 @@ def regions_of(model: Any = None, backend: ShearBackend | None = None) -> list[R
 
 
 def ledger(model: Any = None, backend: ShearBackend | None = None) -> ModelLedger:
-    """The saved-tensor ledger of every region compiled for ``model`` (same on a warm cache)."""
-    return ModelLedger([r.ledger for r in regions_of(model, backend) if r.has_backward])
+    """The saved-tensor ledger of every region compiled for ``model`` (same on a warm cache).
+
+    Before any fxshear region ran for ``model`` there is nothing to read: that is an error that
+    says what to call first, not an empty ledger a user would take for "saves nothing".
+    """
+    regions = regions_of(model, backend)
+    if not regions:
+        what = "this model" if model is not None else "any model"
+        raise ConfigError(
+            f"no fxshear-compiled region has run for {what} yet, so there is no ledger to read. Compile and run "
+            "one step first: compiled = torch.compile(model, backend=\"fxshear\"); compiled(**batch).loss.backward(); "
+            "then fxshear.ledger(model). To see what it would save without running a step: "
+            "fxshear.inspect(model, *example_inputs)")
+    return ModelLedger([r.ledger for r in regions if r.has_backward])

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from .compat import check_torch_version, is_dynamo_restart
-from .config import DEFAULT_PRESET, ShearConfig
+from .config import DEFAULT_PRESET, ConfigError, ShearConfig
 from .log import log
 from .passes import PASSES
 from .passes.draw_order import order_draws
@@ -58,12 +58,20 @@ class ShearBackend:
     def __repr__(self) -> str:
         return f"ShearBackend(preset={self.cfg.preset!r}, regions={len(self.regions)})"
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                 options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable:
+        if options:  # torch.compile(model, backend=fxshear.backend(...), options={...})
+            inner = ", ".join(f"{k}={v!r}" for k, v in options.items())
+            raise ConfigError(f"torch.compile(options=...) does not reach a configured fxshear backend; "
+                              f"pass them to it: backend=fxshear.backend({inner})")
+        _warn_mode_ignored(mode)
         region = Region.create(self.cfg, gm, example_inputs)
         self.regions.append(region)
         try:
             original = copy_graph_module(gm)
             rewritten = self._run_passes(gm, region) if region.has_backward else gm
+            if region.has_backward:
+                self._say_what_the_dtype_and_device_allow(region, example_inputs)
             region.reference = self._reference(original, example_inputs, region)
             if self.cfg.freezing and region.has_backward:
                 region.gated = frozenset(region.trainable_parameter_indices())
@@ -114,6 +122,25 @@ class ShearBackend:
         order_draws(gm)
         return gm
 
+    def _say_what_the_dtype_and_device_allow(self, region: Region, example_inputs: Sequence[Any]) -> None:
+        """One warning per region when its dtype or device keeps the preset from doing what it
+        says: the passes' per-pattern reasons are INFO lines a user does not see."""
+        tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+        floats = {t.dtype for t in tensors if t.is_floating_point()}
+        skipped = sum(len(r.skipped) for r in region.pass_reports)
+        rewritten = sum(len(r.rewritten) for r in region.pass_reports)
+        if floats and not floats & SUPPORTED_DTYPES and self.cfg.preset != "none":
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in floats))
+            log.warning("fxshear: %s computes in %s; the %r preset's rewrites handle float32, float16 and "
+                        "bfloat16, so %d patterns were left alone (%d rewritten) and it saves about what "
+                        "torch.compile saves. Cast the model (model.float()) to use them",
+                        region.name, names, self.cfg.preset, skipped, rewritten)
+        devices = {t.device.type for t in tensors}
+        if self.cfg.kernels == "triton" and devices and "cuda" not in devices:
+            log.warning("fxshear: kernels='triton' asks for Triton kernels, but %s runs on %s; Triton kernels "
+                        "run on CUDA, so the torch implementations run instead (kernels='auto' says the same "
+                        "without this warning)", region.name, ", ".join(sorted(devices)))
+
     def _reference(self, original: torch.fx.GraphModule, example_inputs: Sequence[Any],
                    region: Region) -> SavedSizes | None:
         """What plain Inductor would save, when a memory budget must be read against it.
@@ -142,6 +169,10 @@ class ShearBackend:
 
 def backend(preset: str = DEFAULT_PRESET, **overrides: Any) -> ShearBackend:
     """A configured backend: ``torch.compile(model, backend=fxshear.backend(preset="exact"))``."""
+    if "options" in overrides:  # torch.compile's spelling; from_options would take it as its mapping
+        inner = {**overrides.pop("options"), **overrides}
+        raise ConfigError(f"fxshear.backend takes its options as keywords, not options=: write "
+                          f"fxshear.backend({', '.join(f'{k}={v!r}' for k, v in inner.items())})")
     return ShearBackend(ShearConfig.from_options(preset=preset, **overrides))
 
 
@@ -152,10 +183,26 @@ def fxshear(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     One backend per distinct options, so regions of differently configured models stay apart.
     """
     cfg = ShearConfig.from_options(options)
+    _warn_mode_ignored(mode)
     key = cfg.to_json()
     if key not in _DEFAULT_BACKENDS:
         _DEFAULT_BACKENDS[key] = ShearBackend(cfg)
     return _DEFAULT_BACKENDS[key](gm, example_inputs)
+
+
+SUPPORTED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_MODES_WARNED: set[str] = set()
+
+
+def _warn_mode_ignored(mode: str | None) -> None:
+    """torch.compile's ``mode`` picks Inductor settings for Inductor's own entry point; fxshear
+    lowers with the global Inductor config, so a mode would silently do nothing: say so, once."""
+    if mode in (None, "default") or mode in _MODES_WARNED:
+        return
+    _MODES_WARNED.add(mode)
+    log.warning("fxshear: torch.compile(mode=%r) is not applied under backend='fxshear' (Inductor reads its "
+                "settings from torch._inductor.config here); set the options it stands for there, e.g. "
+                "torch._inductor.config.max_autotune = True for 'max-autotune'", mode)
 
 
 def backends() -> list[ShearBackend]:

@@ -172,6 +172,9 @@ class ShearConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"preset"}
         for key in merged:
             if key not in known:
+                misplaced = _misplaced_option(key, merged[key])
+                if misplaced:
+                    raise ConfigError(misplaced)
                 hint = difflib.get_close_matches(key, sorted(known | {"preset"}), n=1)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise ConfigError(
@@ -265,3 +268,29 @@ def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
     if isinstance(value, Iterable):
         return tuple(value)
     raise ConfigError(f"{name} must be a string or a sequence of strings, got {value!r}")
+
+
+def _misplaced_option(key: str, value: Any) -> str | None:
+    """The fix for an option that belongs elsewhere: Inductor's config, or torch.compile's own
+    arguments, handed to fxshear (the mistake a first-time user makes most)."""
+    if key in ("mode", "fullgraph", "dynamic"):
+        return (f"{key!r} is an argument of torch.compile, not an fxshear option: "
+                f"torch.compile(model, backend=..., {key}={value!r})")
+    if _is_inductor_option(key):
+        return (f"{key!r} is an Inductor option, not an fxshear one: fxshear hands its graphs to Inductor, "
+                f"which reads its own global settings, so set torch._inductor.config.{key} = {value!r} "
+                f"(or wrap the first call in torch._inductor.config.patch({{{key!r}: {value!r}}}))")
+    return None
+
+
+def _is_inductor_option(key: str) -> bool:
+    try:
+        import torch._inductor.config as inductor_config
+    except ImportError:  # pragma: no cover - Inductor ships with torch
+        return False
+    target: Any = inductor_config
+    for part in key.split("."):
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True

@@ -86,6 +86,7 @@ class TrainStep:
         self._norms: dict[int, torch.Tensor | None] = {}
         self._frozen_now: frozenset[int] = frozenset()
         self._leaked: set[int] = set()
+        self._leaked_now: set[int] = set()
         self._hooks = [arm.parameter.register_post_accumulate_grad_hook(self._make_hook(i))
                        for i, arm in enumerate(self.arms)] if policy is not None else []
         functools.update_wrapper(self, fn)
@@ -111,6 +112,7 @@ class TrainStep:
             for p in toggled:
                 p.requires_grad_(True)
         seconds = time.perf_counter() - start
+        self._report_leaks()
         if self.policy is not None:
             self._learn()
         metrics = StepMetrics(
@@ -149,16 +151,26 @@ class TrainStep:
             if index in self._frozen_now:
                 # Ran outside a freezing region (an eager graph break): drop the gradient.
                 parameter.grad = None
-                if index not in self._leaked:
-                    self._leaked.add(index)
-                    log.warning("fxshear: %s was frozen but ran outside a compiled region; its gradient "
-                                "was computed and then dropped", self.arms[index].name)
+                self._leaked_now.add(index)
                 return
             if parameter.grad is not None:
                 # A norm only when the policy learns from this step; kept as a tensor (no device sync).
                 self._norms[index] = (parameter.grad.detach().norm() if self.policy.wants_feedback
                                       else None)
         return hook
+
+    def _report_leaks(self) -> None:
+        """One warning for all the frozen weights whose gradient ran eagerly this step and were not
+        reported before (not one per weight per step)."""
+        new = sorted(self._leaked_now - self._leaked)
+        self._leaked_now.clear()
+        if not new:
+            return
+        self._leaked.update(new)
+        names = ", ".join(self.arms[i].name for i in new[:3]) + (", ..." if len(new) > 3 else "")
+        log.warning("fxshear: %d frozen weights (%s) ran outside a compiled region at step %d; their gradients "
+                    "were computed and then dropped (%d such weights so far; a graph break puts them in eager "
+                    "code: TORCH_LOGS=graph_breaks shows where)", len(new), names, self.step, len(self._leaked))
 
     def _learn(self) -> None:
         for i in self._norms:
@@ -306,6 +318,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         raise ConfigError(f"stale_after must be a positive integer, got {stale_after!r}")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ConfigError("pass the model itself, not torch.compile(model): train_step compiles it with fxshear")
+    if compile and type(model).forward is nn.Module.forward:
+        children = ", ".join(name for name, _ in model.named_children()) or "none"
+        raise ConfigError(
+            f"train_step compiles model.forward, and this {type(model).__name__} has no forward of its own "
+            f"(children: {children}), so nothing would be compiled or frozen. Pass the module your step calls, "
+            "e.g. one whose forward runs them: class Net(nn.Module): def forward(self, x): "
+            "return self.head(self.body(x))")
     freezing = freeze is not None
     found = find_arms(model, arms) if freezing else []
     unique_parameters(found)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..backend import ShearBackend
-from ..config import DEFAULT_PRESET, ShearConfig
+from ..config import DEFAULT_PRESET, ConfigError, ShearConfig
 from ..graph.ledger import ModelLedger
 from ..passes import PASSES
 from ..passes.base import PassReport
@@ -154,6 +154,13 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, preset: str = DEFAULT_
     The baseline is Inductor's default partition of the same graph under the same
     ``memory_budget``, so the ratio isolates what fxshear's rewrites change.
     """
+    if not example_inputs and not example_kwargs:
+        raise ConfigError(
+            "fxshear.inspect traces the model on an example batch and was given none: "
+            "fxshear.inspect(model, *inputs) or fxshear.inspect(model, example_kwargs=batch). "
+            "For what a model you already compiled and ran saved: fxshear.ledger(model)")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod  # inspect traces both sides itself; the user's compiled wrapper stays as it is
     cfg = ShearConfig.from_options(preset=preset, **overrides)
     baseline_cfg = ShearConfig.from_options(preset="none", memory_budget=cfg.memory_budget)
     kwargs = dict(example_kwargs or {})
