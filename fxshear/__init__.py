@@ -18,6 +18,7 @@ from .graph.ledger import Ledger, ModelLedger, SavedTensor
 from .integrations import register_accelerate_backend
 from .measure import SavedBytes, measure_saved_bytes
 from .reversible import reversible
+from .selective import block_selective
 from .freezing.state import frozen
 from .train_step import StepMetrics, TrainStep, train_step
 
@@ -38,7 +39,7 @@ def inspect(model, *example_inputs, preset: str = "exact", example_kwargs=None, 
 
 
 __all__ = [
-    "PRESETS", "ConfigError", "Ledger", "ModelLedger", "SavedBytes", "SavedTensor", "ShearBackend",
+    "PRESETS", "ConfigError", "Ledger", "block_selective", "ModelLedger", "SavedBytes", "SavedTensor", "ShearBackend",
     "ShearConfig", "StepMetrics", "TrainStep", "backend", "frozen", "inspect", "ledger", "measure_saved_bytes", "regions_of",
     "register_accelerate_backend", "reversible", "train_step",
 ]

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (7, "public API and CLI", ("fxshear", "fxshear.__main__", "fxshear.api", "fxshear.inspection",
                                "fxshear.integrations", "fxshear.zoo")),
     (6, "backend and train_step", ("fxshear.backend", "fxshear.train_step", "fxshear.freezing.policies",
-                                   "fxshear.sched", "fxshear.reversible")),
+                                   "fxshear.sched", "fxshear.reversible", "fxshear.selective")),
     (5, "region", ("fxshear.region", "fxshear.freezing.dispatcher", "fxshear.measure")),
     (4, "passes and graph", ("fxshear.passes", "fxshear.graph", "fxshear.freezing.joint")),
     (3, "kernels", ("fxshear.kernels", "fxshear.freezing.gated_mm")),

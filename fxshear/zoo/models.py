@@ -162,19 +162,31 @@ class MiniLMClassifier(nn.Module):
 
     Mean pooling over non-padding tokens is how all-MiniLM-L6-v2 was trained to produce
     sentence embeddings, so the pretrained features are meaningful for the new head.
+    ``pooling="cls"`` classifies on the first token instead, as BERT does; token dropping
+    (``fxshear.block_selective``) needs it, since the last hidden states then hold fewer
+    tokens than the input's mask.
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int = 2) -> None:
+    def __init__(self, encoder: nn.Module, num_labels: int = 2, pooling: str = "mean") -> None:
         super().__init__()
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.encoder = encoder
         self.num_labels = num_labels
+        self.pooling = pooling
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the last hidden states: the all-MiniLM-L6-v2 sentence embedding."""
+        """Masked mean of the last hidden states (the all-MiniLM-L6-v2 sentence embedding),
+        or the CLS token's."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if hidden.shape[1] != attention_mask.shape[1]:
+            raise ValueError(f"mean pooling needs one hidden state per input token, got {hidden.shape[1]} for "
+                             f"{attention_mask.shape[1]} (token dropping?): build the classifier with pooling='cls'")
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
@@ -192,7 +204,7 @@ class MiniLMClassifier(nn.Module):
 
 
 def _build_minilm(
-    *, seed: int, dropout: bool, num_labels: int, attn_implementation: str
+    *, seed: int, dropout: bool, num_labels: int, attn_implementation: str, pooling: str = "mean"
 ) -> ExampleModel:
     _force_offline()
     from transformers import AutoModel
@@ -209,7 +221,7 @@ def _build_minilm(
             attention_probs_dropout_prob=dropout_probability,
         )
     torch.manual_seed(seed)  # the head's init must not depend on what loading consumed
-    classifier = MiniLMClassifier(encoder, num_labels=num_labels).train()
+    classifier = MiniLMClassifier(encoder, num_labels=num_labels, pooling=pooling).train()
 
     config = encoder.config
     max_positions = config.max_position_embeddings
@@ -383,6 +395,7 @@ def build_model(
     dropout: bool = True,
     num_labels: int | None = None,
     attn_implementation: str = "eager",
+    pooling: str = "mean",
 ) -> ExampleModel:
     """Build one of :data:`MODEL_NAMES` in train mode.
 
@@ -393,7 +406,8 @@ def build_model(
     ``num_labels`` applies to the classifiers (default 2 for minilm, 10 for vit).
     ``attn_implementation`` defaults to ``"eager"`` so attention probabilities are
     materialised (and saved for backward) as in older transformers; pass ``"sdpa"`` to
-    use fused attention instead.
+    use fused attention instead.  ``pooling`` (minilm only): ``"mean"`` (how the checkpoint was
+    trained) or ``"cls"`` (the first token; what token dropping needs).
 
     For ``"vit"``, ``make_batch``'s ``seq_len`` is ignored (images are square,
     ``image_size`` pixels).
@@ -404,11 +418,13 @@ def build_model(
         raise ValueError(f"unknown size {size!r}; accepted sizes: {', '.join(MODEL_SIZES)}")
     if num_labels is not None and name not in ("minilm", "vit"):
         raise ValueError(f"num_labels only applies to the classifiers minilm and vit, not {name!r}")
+    if pooling != "mean" and name != "minilm":
+        raise ValueError(f"pooling only applies to minilm, not {name!r}")
 
     if name == "minilm":
         return _build_minilm(
             seed=seed, dropout=dropout, num_labels=2 if num_labels is None else num_labels,
-            attn_implementation=attn_implementation,
+            attn_implementation=attn_implementation, pooling=pooling,
         )
     if name == "llama":
         return _build_llama(
