@@ -45,6 +45,7 @@ inspect: $(STAMP)
 
 # Benchmarks need an otherwise idle machine (about 20 + 12 + 16 + 23 + 8 minutes on 2 CPU cores).
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/saved_memory.py --suite exact
 	$(PY) benchmarks/saved_memory.py --suite pruning --no-peaks
 	$(PY) benchmarks/prune_fidelity.py

@@ -175,11 +175,13 @@ def test_deit_keeps_the_cls_and_distillation_tokens() -> None:
     torch.testing.assert_close(out[:, :2], expected)
 
 
-def test_padding_rows_give_the_unpadded_rows_answer(examples) -> None:
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_padding_rows_give_the_unpadded_rows_answer(examples, attention) -> None:
     """A row whose real tokens all fit in the kept count keeps all of them (padding ranks last),
     the fused token of dropped padding is masked, so the CLS logits equal the unconverted model's
     on the same row without padding (attention is order-free once positions are embedded)."""
-    example = examples["minilm"]
+    example = examples["minilm"] if attention == "eager" else build_model(
+        "minilm", dropout=False, pooling="cls", attn_implementation=attention)
     model = _copy(example, train_blocks=[5], drop_at=[0, 2], keep_rate=0.5).eval()
     plain = copy.deepcopy(example.model).eval()
     ids = torch.randint(1000, 20000, (1, 24), generator=torch.Generator().manual_seed(3))
