@@ -76,7 +76,7 @@ def train(model: torch.nn.Module, step_fn: Callable[..., torch.Tensor], data: tu
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         record["seconds"].append(time.perf_counter() - start)
-        record["losses"].append(float(saved.output))
+        record["losses"].append(float(saved.output.detach()))
         record["saved_bytes"].append(saved.activation_bytes)
     return record
 

@@ -52,3 +52,15 @@ def test_freeze_example_validates_and_runs(capsys: pytest.CaptureFixture[str],
     assert example.main(["--steps", "2", "--batch", "2", "--seq", "16", "--period", "1"]) == 0
     out = capsys.readouterr().out
     assert "held-out" in out and "freeze='bandit'" in out
+
+
+@pytest.mark.slow
+def test_block_selective_example_runs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sklearn", reason="the digits ship with scikit-learn (the bench extra)")
+    example = _import_example("block_selective_vit", monkeypatch)
+    with pytest.raises(SystemExit) as bad_exit:
+        example.main(["--steps", "0"])
+    assert bad_exit.value.code == 2
+    assert example.main(["--steps", "2", "--pretrain-steps", "1", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "1: 65 -> 34" in out and "held-out accuracy" in out
