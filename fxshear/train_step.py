@@ -38,6 +38,8 @@ from .config import ConfigError, ShearConfig
 from .log import log
 from .freezing.policies import BanditPolicy, BanditSettings, FixedPolicy, FreezePolicy, RandomPolicy, RoundRobinPolicy
 from .freezing.arms import Arm, block_groups, find_arms, unique_parameters
+from .freezing.fsdp import fsdp_params_by_sharded, gathered_twins
+from .freezing.ranks import DEFAULT_TIMEOUT_S, check_same_mask, distributed, global_norms
 from .freezing.state import set_frozen
 
 FREEZE_CHOICES = (None, "bandit", "random", "round_robin", "fixed")
@@ -69,7 +71,8 @@ class TrainStep:
 
     def __init__(self, fn: Callable[..., Any], model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  policy: FreezePolicy | None, arms: Sequence[Arm], backend: ShearBackend | None,
-                 stale_after: int, on_metrics: Callable[[StepMetrics], None] | None) -> None:
+                 stale_after: int, on_metrics: Callable[[StepMetrics], None] | None,
+                 collective_timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.fn = fn
         self.model = model
         self.optimizer = optimizer
@@ -87,12 +90,26 @@ class TrainStep:
         self._frozen_now: frozenset[int] = frozenset()
         self._leaked: set[int] = set()
         self._leaked_now: set[int] = set()
+        self._expected_leaks: set[int] = set()
+        self.collective_timeout = collective_timeout
         self._hooks = [arm.parameter.register_post_accumulate_grad_hook(self._make_hook(i))
                        for i, arm in enumerate(self.arms)] if policy is not None else []
+        # Under torch.distributed the norms are read at optimizer.step(), after DDP's all-reduce
+        # (FSDP2's reduce-scatter), and combined across ranks (fxshear/freezing/ranks.py).
+        self._read_at_step = False
+        self._fsdp_params = fsdp_params_by_sharded(model) if policy is not None and backend is not None else {}
+        if policy is not None and optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(self._read_norms_at_step))
         functools.update_wrapper(self, fn)
 
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._read_at_step = self.policy is not None and distributed()
+        if self._read_at_step and self.optimizer is None:
+            raise ConfigError(
+                "fxshear.train_step under torch.distributed needs the optimizer: train_step(model, optimizer, ...). "
+                "The freezing policy learns from gradient norms that must be the same on every rank, and they are "
+                "only final (all-reduced by DDP, reduce-scattered by FSDP2) when optimizer.step() is called")
         mask = self._sample() if self.policy is not None else None
         frozen_indices = [i for i, on in enumerate(mask.tolist()) if not on] if mask is not None else []
         frozen = [self.arms[i].parameter for i in frozen_indices]
@@ -103,7 +120,15 @@ class TrainStep:
         self.step += 1
         start = time.perf_counter()
         toggled = self._freeze_eagerly(frozen) if self.backend is None else []
-        set_frozen(frozen)
+        if self._fsdp_params:
+            twins = gathered_twins(frozen, self._fsdp_params)
+            # before FSDP2's first all-gather there is no gathered copy to freeze: the hook drops
+            # those gradients, as expected, not because of a graph break
+            self._expected_leaks = {i for i in frozen_indices if id(self.arms[i].parameter) in self._fsdp_params} \
+                if len(twins) < len(frozen) else set()
+            set_frozen([*frozen, *twins])
+        else:
+            set_frozen(frozen)
         try:
             result = self.fn(*args, **kwargs)
         finally:
@@ -126,18 +151,24 @@ class TrainStep:
         return result
 
     def _sample(self) -> torch.Tensor:
-        """The policy's mask; under torch.distributed, rank 0's (every rank must freeze alike,
-        and each rank's policy learns from its own, not yet all-reduced, gradients)."""
+        """The policy's mask.  Under torch.distributed every rank's policy is seeded alike and
+        learns from the same all-reduced norms, so the ranks draw the same mask; one all-reduce
+        checks it (a policy with rank-local randomness is an error on every rank at once)."""
         mask = self.policy.sample()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            shared = mask.to(torch.uint8)
-            backend = torch.distributed.get_backend()
-            if backend == "nccl":
-                shared = shared.cuda()
-            torch.distributed.broadcast(shared, src=0)
-            mask = shared.cpu().bool()
-            self.policy.mask = mask.clone()
+        if self._read_at_step:
+            check_same_mask(mask, self.policy.name, self.step + 1, self.collective_timeout)
         return mask
+
+    def _read_norms_at_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step pre-hook: the active arms' gradient norms, identical on every rank."""
+        if not self._read_at_step:
+            return
+        active = [i for i in range(len(self.arms)) if i not in self._frozen_now]
+        if not self.policy.wants_feedback:  # only which arms got a gradient (FSDP2's shards get no hook call)
+            self._norms = {i: None for i in active if self.arms[i].parameter.grad is not None}
+            return
+        norms = global_norms([self.arms[i].parameter.grad for i in active], self.collective_timeout)
+        self._norms = {i: norms[k] for k, i in enumerate(active) if not torch.isnan(norms[k])}
 
     def _freeze_eagerly(self, frozen: Sequence[nn.Parameter]) -> list[nn.Parameter]:
         """Without a compiled model, freezing is autograd's own ``requires_grad``."""
@@ -153,7 +184,7 @@ class TrainStep:
                 parameter.grad = None
                 self._leaked_now.add(index)
                 return
-            if parameter.grad is not None:
+            if parameter.grad is not None and not self._read_at_step:  # distributed: read at step()
                 # A norm only when the policy learns from this step; kept as a tensor (no device sync).
                 self._norms[index] = (parameter.grad.detach().norm() if self.policy.wants_feedback
                                       else None)
@@ -162,8 +193,9 @@ class TrainStep:
     def _report_leaks(self) -> None:
         """One warning for all the frozen weights whose gradient ran eagerly this step and were not
         reported before (not one per weight per step)."""
-        new = sorted(self._leaked_now - self._leaked)
+        new = sorted(self._leaked_now - self._leaked - self._expected_leaks)
         self._leaked_now.clear()
+        self._expected_leaks = set()
         if not new:
             return
         self._leaked.update(new)
@@ -301,6 +333,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                arms: Sequence[str] | None = None, seed: int = 0, compile: bool = True,
                preset: str = "exact", stale_after: int | None = None,
                on_metrics: Callable[[StepMetrics], None] | None = None,
+               collective_timeout: float = DEFAULT_TIMEOUT_S,
                **options: Any) -> Callable[[Callable[..., Any]], TrainStep]:
     """Decorate a training step (forward, ``backward``, ``optimizer.step()``, ``zero_grad``).
 
@@ -312,8 +345,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     ``arms``: module-name patterns of the Linears that may be frozen (default: every Linear in a
     numbered block).  ``stale_after`` (default ``10 * period``): warn when an arm goes this many
     steps without a gradient.  ``on_metrics`` is called with each step's :class:`StepMetrics`.
-    ``optimizer`` is not called by fxshear; it is checked to hold the arms.
+    ``optimizer`` is not called by fxshear; it is checked to hold the arms.  Under
+    ``torch.distributed`` (DDP, FSDP2) it is required: the policy's gradient norms are read at
+    ``optimizer.step()`` and all-reduced, so every rank draws the same mask (checked each step);
+    ``collective_timeout`` bounds each of those collectives in seconds (docs/design.md §10).
     """
+    if not isinstance(collective_timeout, (int, float)) or isinstance(collective_timeout, bool) \
+            or collective_timeout <= 0:
+        raise ConfigError(f"collective_timeout must be a positive number of seconds, got {collective_timeout!r}")
     if stale_after is not None and (not isinstance(stale_after, int) or stale_after < 1):
         raise ConfigError(f"stale_after must be a positive integer, got {stale_after!r}")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
@@ -326,6 +365,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
             "e.g. one whose forward runs them: class Net(nn.Module): def forward(self, x): "
             "return self.head(self.body(x))")
     freezing = freeze is not None
+    from torch.nn.parallel import DistributedDataParallel
+
+    if freezing and isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+        raise ConfigError(
+            "per-step freezing leaves the frozen weights without a gradient, and DDP waits for every parameter's "
+            "gradient unless told otherwise: wrap with DDP(model, find_unused_parameters=True) (frozen weights are "
+            "then marked ready at the end of the forward and their buckets are not waited on)")
     found = find_arms(model, arms) if freezing else []
     unique_parameters(found)
     policy = make_policy(freeze, found, sparsity=sparsity, period=period, alpha=alpha, p_min=p_min,
@@ -347,7 +393,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
     def decorate(fn: Callable[..., Any]) -> TrainStep:
         return TrainStep(fn, model, optimizer, policy=policy, arms=found, backend=backend,
-                         stale_after=max(1, window), on_metrics=on_metrics)
+                         stale_after=max(1, window), on_metrics=on_metrics,
+                         collective_timeout=float(collective_timeout))
 
     return decorate
 

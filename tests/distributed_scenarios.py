@@ -1,0 +1,190 @@
+"""What each rank runs in tests/test_distributed.py (module level: spawned processes import it).
+
+Every scenario builds the same model on every rank (same seed), gives each rank its slice of one
+global batch and returns plain tensors (gradients as full tensors) and numbers for the parent to
+compare with a one-process run of the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+import fxshear
+from fxshear.zoo.models import build_model
+
+GLOBAL_BATCH = 4
+SEQ = 16
+
+
+def example_of(name: str):
+    return build_model(name, dropout=False, seed=0)
+
+
+def global_batch(example, seed: int = 0) -> dict[str, torch.Tensor]:
+    return example.make_batch(GLOBAL_BATCH, SEQ, seed=seed)
+
+
+def slice_for(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    per = GLOBAL_BATCH // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
+def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        out[name.replace("_orig_mod.", "").replace("module.", "", 1) if name.startswith("module.") else
+            name.replace("_orig_mod.", "")] = grad.detach().clone()
+    return out
+
+
+def _ledger_summary(backend: fxshear.ShearBackend) -> dict[str, Any]:
+    regions = [r for r in backend.regions if r.has_backward]
+    return {"fragments": len(regions), "per_fragment": [r.ledger.activation_bytes for r in regions],
+            "total": sum(r.ledger.activation_bytes for r in regions)}
+
+
+def ddp_step(rank: int, world: int, model_name: str, preset: str, order: str,
+             bucket_cap_mb: float = 0.1) -> dict[str, Any]:
+    """One forward+backward of DDP under ``backend="fxshear"``: ``order`` is ``compile_ddp``
+    (torch.compile(DDP(model))) or ``ddp_compile`` (DDP(torch.compile(model))).  Small buckets,
+    so Dynamo's DDPOptimizer splits even the small models' graphs into several fragments (its
+    first bucket must not exceed the others: c10d's 1 MiB default first bucket is lowered too)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = int(bucket_cap_mb * 2**20)
+
+    example = example_of(model_name)
+    backend = fxshear.backend(preset=preset)
+    if order == "compile_ddp":
+        wrapped = torch.compile(DDP(example.model, bucket_cap_mb=bucket_cap_mb), backend=backend)
+    elif order == "ddp_compile":
+        wrapped = DDP(torch.compile(example.model, backend=backend), bucket_cap_mb=bucket_cap_mb)
+    else:
+        raise ValueError(order)
+    loss = example.loss(wrapped, slice_for(global_batch(example), rank, world))
+    loss.backward()
+    return {"loss": float(loss.detach()), "grads": full_gradients(example.model), "ledger": _ledger_summary(backend)}
+
+
+def fsdp_step(rank: int, world: int, model_name: str, preset: str, compile_scope: str) -> dict[str, Any]:
+    """One forward+backward with ``fully_shard`` on every block and the root; ``compile_scope``
+    ``blocks`` compiles each block, ``whole`` the root module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    example = example_of(model_name)
+    model = example.model
+    mesh = init_device_mesh("cpu", (world,))
+    blocks = _blocks(model)
+    backend = fxshear.backend(preset=preset)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if compile_scope == "blocks":
+        for block in blocks:
+            block.compile(backend=backend)
+        runner: nn.Module = model
+    else:
+        runner = torch.compile(model, backend=backend)
+    loss = example.loss(runner, slice_for(global_batch(example), rank, world))
+    loss.backward()
+    return {"loss": float(loss.detach()), "grads": full_gradients(model), "ledger": _ledger_summary(backend)}
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    return max(lists, key=len)
+
+
+def reference_step(model_name: str) -> dict[str, Any]:
+    """The one-process run of the whole global batch, eager (the exact preset equals eager)."""
+    example = example_of(model_name)
+    model = copy.deepcopy(example.model)
+    loss = example.loss(model, global_batch(example))
+    loss.backward()
+    return {"loss": float(loss.detach()), "grads": full_gradients(model)}
+
+
+def freeze_steps(rank: int, world: int, engine: str, steps: int = 40, policy: str = "bandit",
+                 model_name: str = "llama") -> dict[str, Any]:
+    """``steps`` steps of ``@fxshear.train_step`` (bandit freezing, period 5) under ``engine``
+    (``ddp`` or ``fsdp``), each rank on its own slice of a new global batch per step; returns
+    the mask of every step and the final weights."""
+    example = example_of(model_name)
+    model = example.model
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped: nn.Module = DDP(model, find_unused_parameters=True)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (world,))
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+    freeze: Any = policy
+    if policy == "rank_local":
+        from fxshear.freezing.arms import find_arms
+        from fxshear.freezing.policies import RandomPolicy
+        freeze = RandomPolicy(len(find_arms(wrapped)), seed=rank)  # a rank-dependent seed: the misuse
+    step_fn = fxshear.train_step(wrapped, optimizer, freeze=freeze, sparsity=0.5, period=5)
+
+    @step_fn
+    def step(batch):
+        loss = example.loss(wrapped, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    masks, losses = [], []
+    for i in range(steps):
+        losses.append(float(step(slice_for(global_batch(example, seed=i), rank, world)).detach()))
+        masks.append(step.policy.mask.clone())
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for n, p in model.named_parameters()}
+    return {"masks": torch.stack(masks), "losses": losses, "weights": weights,
+            "p": getattr(step.policy, "p", None), "compiles": step.compiles}
+
+
+def one_rank_stalls(rank: int, world: int, stall_s: float = 20.0, collective_timeout_s: float = 3.0) -> dict[str, Any]:
+    """Rank 1 never reaches its step (it sleeps, alive, holding the process group open); rank 0
+    must give up within ``collective_timeout_s`` with fxshear's message, not wait for it."""
+    import time
+
+    if rank == 1:
+        time.sleep(stall_s)
+        return {"stalled": True}
+    example = example_of("llama")
+    optimizer = torch.optim.SGD(example.model.parameters(), lr=0.0)
+
+    @fxshear.train_step(example.model, optimizer, freeze="bandit", compile=False, collective_timeout=collective_timeout_s)
+    def step(batch):
+        loss = example.loss(example.model, batch)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    start = time.monotonic()
+    try:
+        step(slice_for(global_batch(example), rank, world))
+    except RuntimeError as error:
+        return {"error": str(error), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def ddp_freezing_without_unused_detection(rank: int, world: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    example = example_of("llama")
+    wrapped = DDP(example.model)
+    fxshear.train_step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), freeze="bandit")
+    return {"unreachable": True}
