@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fxshear
+import fxshear.sched  # the public alias of fxshear.freezing the tests use (not imported by fxshear itself)
 from fxshear.config import ConfigError
 from fxshear.zoo.models import build_model
 from fxshear.freezing.arms import find_arms
