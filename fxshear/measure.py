@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
+from .freezing.fsdp import fsdp_params_by_sharded, gathered_twins
+
 
 @dataclass
 class SavedBytes:
@@ -31,6 +33,9 @@ class SavedBytes:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    local = getattr(t, "to_local", None)  # a DTensor (FSDP2's sharded parameters): its local shard
+    if local is not None:
+        t = local()
     storage = t.untyped_storage()
     return (str(t.device), storage.data_ptr())
 
@@ -54,14 +59,27 @@ def measure_saved_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Sa
     among the arguments, and any ``nn.Parameter``, count as parameters; storages of the call's own tensor arguments count as inputs; everything else is
     an activation.  The call's output is kept in ``.output`` so the caller can run backward.
     """
-    parameter_keys = {_storage_key(p) for p in _parameters_of(fn, args, kwargs)}
+    parameters = _parameters_of(fn, args, kwargs)
+    parameter_keys = {_storage_key(p) for p in parameters}
+    # FSDP2 gathers each weight into a parameter of its own for the forward (allocated at the first
+    # all-gather, its storage resized every step): those count as parameters too, looked up when met
+    fsdp = {}
+    for candidate in (fn, getattr(fn, "__self__", None), *args, *kwargs.values()):
+        if isinstance(candidate, torch.nn.Module):
+            fsdp.update(fsdp_params_by_sharded(candidate))
+    sharded = [p for p in parameters if id(p) in fsdp]
+
+    def gathered(key: tuple[str, int]) -> bool:
+        return bool(sharded) and any(_storage_key(t) == key for t in gathered_twins(sharded, fsdp)
+                                     if t.untyped_storage().nbytes() > 0)
+
     input_keys = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
     seen: dict[tuple[str, int], tuple[str, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in seen:
-            if isinstance(t, torch.nn.Parameter) or key in parameter_keys:
+            if isinstance(t, torch.nn.Parameter) or key in parameter_keys or gathered(key):
                 kind = "parameter"
             elif key in input_keys:
                 kind = "input"

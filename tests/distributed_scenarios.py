@@ -44,10 +44,20 @@ def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _ledger_summary(backend: fxshear.ShearBackend) -> dict[str, Any]:
+def _ledger_summary(backend: fxshear.ShearBackend, vocab: int | None = None) -> dict[str, Any]:
+    """Per-fragment and total activation bytes; whether the fused loss ran in a compiled region
+    and whether any saved activation has the vocabulary as its last dimension (logits)."""
     regions = [r for r in backend.regions if r.has_backward]
+    entries = [e for r in regions for e in r.ledger.entries if e.kind == "activation"]
     return {"fragments": len(regions), "per_fragment": [r.ledger.activation_bytes for r in regions],
-            "total": sum(r.ledger.activation_bytes for r in regions)}
+            "total": sum(r.ledger.activation_bytes for r in regions),
+            "fused_loss": any("linear_cross_entropy" in e.op for e in entries),
+            "logits_saved": vocab is not None and any(e.shape and e.shape[-1] == vocab for e in entries)}
+
+
+def _vocab(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None) if hasattr(model, "lm_head") else None
 
 
 def ddp_step(rank: int, world: int, model_name: str, preset: str, order: str,
@@ -95,7 +105,8 @@ def fsdp_step(rank: int, world: int, model_name: str, preset: str, compile_scope
         runner = torch.compile(model, backend=backend)
     loss = example.loss(runner, slice_for(global_batch(example), rank, world))
     loss.backward()
-    return {"loss": float(loss.detach()), "grads": full_gradients(model), "ledger": _ledger_summary(backend)}
+    return {"loss": float(loss.detach()), "grads": full_gradients(model),
+            "ledger": _ledger_summary(backend, _vocab(model))}
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
