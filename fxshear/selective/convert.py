@@ -127,15 +127,12 @@ class Family:
     has_mask: bool
 
     def matches(self, block: nn.Module) -> bool:
-        return all(_has_path(block, path) for path in self.required)
-
-
-def _has_path(module: nn.Module, path: str) -> bool:
-    for name in path.split("."):
-        if not hasattr(module, name):
+        try:
+            for path in self.required:
+                block.get_submodule(path)
+        except AttributeError:
             return False
-        module = getattr(module, name)
-    return True
+        return True
 
 
 FAMILIES = (
