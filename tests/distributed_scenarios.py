@@ -24,12 +24,12 @@ def example_of(name: str):
     return build_model(name, dropout=False, seed=0)
 
 
-def global_batch(example, seed: int = 0) -> dict[str, torch.Tensor]:
-    return example.make_batch(GLOBAL_BATCH, SEQ, seed=seed)
+def global_batch(example, seed: int = 0, size: int = GLOBAL_BATCH, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    return example.make_batch(size, seq, seed=seed)
 
 
 def slice_for(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    per = GLOBAL_BATCH // world
+    per = next(iter(batch.values())).shape[0] // world
     return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
 
 
@@ -51,6 +51,7 @@ def _ledger_summary(backend: fxshear.ShearBackend, vocab: int | None = None) -> 
     entries = [e for r in regions for e in r.ledger.entries if e.kind == "activation"]
     return {"fragments": len(regions), "per_fragment": [r.ledger.activation_bytes for r in regions],
             "total": sum(r.ledger.activation_bytes for r in regions),
+            "saved_inputs": sum(r.ledger.input_bytes for r in regions),
             "fused_loss": any("linear_cross_entropy" in e.op for e in entries),
             "logits_saved": vocab is not None and any(e.shape and e.shape[-1] == vocab for e in entries)}
 
@@ -61,7 +62,7 @@ def _vocab(model: nn.Module) -> int | None:
 
 
 def ddp_step(rank: int, world: int, model_name: str, preset: str, order: str,
-             bucket_cap_mb: float = 0.1) -> dict[str, Any]:
+             bucket_cap_mb: float = 0.1, size: int = GLOBAL_BATCH, seq: int = SEQ) -> dict[str, Any]:
     """One forward+backward of DDP under ``backend="fxshear"``: ``order`` is ``compile_ddp``
     (torch.compile(DDP(model))) or ``ddp_compile`` (DDP(torch.compile(model))).  Small buckets,
     so Dynamo's DDPOptimizer splits even the small models' graphs into several fragments (its
@@ -78,7 +79,7 @@ def ddp_step(rank: int, world: int, model_name: str, preset: str, order: str,
         wrapped = DDP(torch.compile(example.model, backend=backend), bucket_cap_mb=bucket_cap_mb)
     else:
         raise ValueError(order)
-    loss = example.loss(wrapped, slice_for(global_batch(example), rank, world))
+    loss = example.loss(wrapped, slice_for(global_batch(example, size=size, seq=seq), rank, world))
     loss.backward()
     return {"loss": float(loss.detach()), "grads": full_gradients(example.model), "ledger": _ledger_summary(backend)}
 
@@ -114,11 +115,20 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def reference_step(model_name: str) -> dict[str, Any]:
-    """The one-process run of the whole global batch, eager (the exact preset equals eager)."""
+def reference_step(model_name: str, preset: str | None = None, scope: str = "whole") -> dict[str, Any]:
+    """The one-process run of the whole global batch: eager, or compiled with fxshear ``preset``
+    whole or per block (the ranks' graphs up to the batch size: what their arithmetic should equal)."""
+    torch._dynamo.reset()
     example = example_of(model_name)
     model = copy.deepcopy(example.model)
-    loss = example.loss(model, global_batch(example))
+    runner = model
+    if preset is not None and scope == "whole":
+        runner = torch.compile(model, backend=fxshear.backend(preset=preset))
+    elif preset is not None:
+        backend = fxshear.backend(preset=preset)
+        for block in _blocks(model):
+            block.compile(backend=backend)
+    loss = example.loss(runner, global_batch(example))
     loss.backward()
     return {"loss": float(loss.detach()), "grads": full_gradients(model)}
 
@@ -199,3 +209,51 @@ def ddp_freezing_without_unused_detection(rank: int, world: int) -> dict[str, An
     wrapped = DDP(example.model)
     fxshear.train_step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), freeze="bandit")
     return {"unreachable": True}
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Single examples of one fixed batch, in order (the Trainer's sampler is made sequential)."""
+
+    def __init__(self, example, n: int) -> None:
+        batch = example.make_batch(n, SEQ, seed=0)
+        self.items = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+def trainer_losses(rank: int, world: int, out_dir: str, steps: int = 4, global_batch_size: int = 4,
+                   model_name: str = "minilm") -> dict[str, Any]:
+    """HF ``Trainer`` with ``torch_compile_backend="fxshear"``: ``steps`` steps of a global batch
+    of ``global_batch_size`` split over the ranks (sequential sampling, so any world size sees the
+    same global batches); returns the logged (rank-averaged) loss of every step."""
+    from transformers import Trainer, TrainingArguments
+
+    class SequentialTrainer(Trainer):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    class LossAsOutput(nn.Module):
+        """The zoo's classifier returns the loss tensor; Trainer reads ``outputs["loss"]``."""
+
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            batch.pop("num_items_in_batch", None)  # Trainer passes it to models that take **kwargs
+            return {"loss": self.model(**batch)}
+
+    example = example_of(model_name)
+    args = TrainingArguments(
+        output_dir=f"{out_dir}/rank{rank}", max_steps=steps, per_device_train_batch_size=global_batch_size // world,
+        learning_rate=1e-4, torch_compile=True, torch_compile_backend="fxshear", report_to=[], use_cpu=True,
+        logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
+        remove_unused_columns=False, average_tokens_across_devices=False)
+    trainer = SequentialTrainer(model=LossAsOutput(example.model), args=args, train_dataset=_Rows(example, steps * global_batch_size))
+    trainer.train()
+    return {"losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
