@@ -149,3 +149,21 @@ def test_hf_trainer_on_two_ranks_logs_the_one_process_losses(tmp_path) -> None:
     for result in two:
         assert result["result"]["world"] == 2
         assert result["result"]["losses"] == pytest.approx(one["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_as_the_launcher(tmp_path, llama_reference) -> None:
+    """The real launcher: ``torchrun --standalone --nproc_per_node 2`` starts the ranks and sets
+    their environment; the script joins the group from it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "grads.pt"
+    script = Path(__file__).resolve().parent / "scripts" / "torchrun_ddp.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out)], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(out, weights_only=False)
+    assert result["world"] == 2
+    assert _worst_relative(result["grads"], llama_reference["whole"]["grads"]) < 1e-5
