@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (3, "kernels", ("fxshear.kernels", "fxshear.freezing.gated_mm")),
     (2, "kernel infrastructure", ("fxshear.kernels.infra",)),
     (1, "compat, config and log", ("fxshear.compat", "fxshear.log", "fxshear.config", "fxshear.options", "fxshear.sources",
+                                   "fxshear.blocks",
                                    "fxshear.freezing.state", "fxshear.freezing")),
 )
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..blocks import named_block_list
 from ..config import ConfigError
 from .adapters import Adapter
 from .architectures import family_of, find_blocks, supported_text
@@ -28,19 +29,8 @@ def _reversible_class(cls: type) -> type:
 
 
 def _block_list(model: nn.Module, blocks: object) -> tuple[str, nn.ModuleList]:
-    if isinstance(blocks, nn.ModuleList):
-        for name, module in model.named_modules():
-            if module is blocks:
-                return name, blocks
-        raise ConfigError("blocks= is a ModuleList that is not inside the model")
-    if isinstance(blocks, str):
-        try:
-            module = model.get_submodule(blocks)
-        except AttributeError as error:
-            raise ConfigError(f"blocks={blocks!r}: {error}") from None
-        if not isinstance(module, nn.ModuleList):
-            raise ConfigError(f"blocks={blocks!r} is a {type(module).__name__}, not an nn.ModuleList of blocks")
-        return blocks, module
+    if isinstance(blocks, (str, nn.ModuleList)):
+        return named_block_list(model, blocks)
     found = find_blocks(model)
     if found is None:
         raise ConfigError(

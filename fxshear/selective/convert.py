@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks import named_block_list
 from ..config import ConfigError
 from .tokens import cls_attention, keep_tokens, kept_count, key_valid, mask_like
 
@@ -179,11 +180,8 @@ def _selective_class(cls: type) -> type:
 # --- conversion --------------------------------------------------------------------------------
 
 def _find_blocks(model: nn.Module, blocks: object) -> tuple[str, nn.ModuleList]:
-    if isinstance(blocks, str):
-        module = model.get_submodule(blocks)
-        if not isinstance(module, nn.ModuleList):
-            raise ConfigError(f"blocks={blocks!r} is a {type(module).__name__}, not an nn.ModuleList of blocks")
-        return blocks, module
+    if isinstance(blocks, (str, nn.ModuleList)):
+        return named_block_list(model, blocks)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(b) for b in module}) == 1:
@@ -217,7 +215,7 @@ def _is_causal(model: nn.Module, block: nn.Module) -> bool:
 
 
 def block_selective(model: nn.Module, train_blocks: Sequence[int] | None = None, drop_at: Sequence[int] = (),
-                    keep_rate: float = 0.5, fuse_dropped: bool = True, blocks: str | None = None,
+                    keep_rate: float = 0.5, fuse_dropped: bool = True, blocks: str | nn.ModuleList | None = None,
                     train_head: bool = True, train_embeddings: bool | None = None) -> nn.Module:
     """Make ``model`` block-selective (and token-dropping), in place; returns ``model``.
 
