@@ -262,8 +262,8 @@ def block_selective(model: nn.Module, train_blocks: Sequence[int] | None = None,
         for param in block_list[i].parameters():
             param.requires_grad_(True)
 
+    state = SelectiveState(trained, drops, float(keep_rate), bool(fuse_dropped), _summary_tokens(model), path)
     if drops:
-        state = SelectiveState(trained, drops, float(keep_rate), bool(fuse_dropped), _summary_tokens(model), path)
         first = drops[0]
         # blocks after the first drop site take the mask that follows the kept tokens
         converted = range(first, count) if family.has_mask else drops
@@ -271,8 +271,6 @@ def block_selective(model: nn.Module, train_blocks: Sequence[int] | None = None,
             block = block_list[i]
             block._fxshear_selective = Site(i, i in drops, i == first, i == converted[-1], state, family)
             block.__class__ = _selective_class(type(block))
-    else:
-        state = SelectiveState(trained, (), float(keep_rate), bool(fuse_dropped), _summary_tokens(model), path)
     model._fxshear_selective_state = state
     log.info("fxshear.block_selective: %s, training blocks %s, dropping tokens at %s (keep %.2f, fuse %s)",
              path, list(trained), list(drops), keep_rate, fuse_dropped)
