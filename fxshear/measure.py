@@ -40,15 +40,19 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), storage.data_ptr())
 
 
-def _parameters_of(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """Parameters and buffers of ``fn`` (or its bound module) and of modules passed to it."""
+def _modules_of(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.nn.Module]:
+    """``fn`` (or its bound module) and the modules passed to it, compiled wrappers unwrapped."""
     candidates = [fn, getattr(fn, "__self__", None), *args, *kwargs.values()]
+    modules = (getattr(candidate, "_orig_mod", candidate) for candidate in candidates)
+    return [module for module in modules if isinstance(module, torch.nn.Module)]
+
+
+def _parameters_of(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """Parameters and buffers of ``modules``."""
     found: list[torch.Tensor] = []
-    for candidate in candidates:
-        module = getattr(candidate, "_orig_mod", candidate)
-        if isinstance(module, torch.nn.Module):
-            found.extend(module.parameters())
-            found.extend(module.buffers())
+    for module in modules:
+        found.extend(module.parameters())
+        found.extend(module.buffers())
     return found
 
 
@@ -59,19 +63,22 @@ def measure_saved_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Sa
     among the arguments, and any ``nn.Parameter``, count as parameters; storages of the call's own tensor arguments count as inputs; everything else is
     an activation.  The call's output is kept in ``.output`` so the caller can run backward.
     """
-    parameters = _parameters_of(fn, args, kwargs)
+    modules = _modules_of(fn, args, kwargs)
+    parameters = _parameters_of(modules)
     parameter_keys = {_storage_key(p) for p in parameters}
     # FSDP2 gathers each weight into a parameter of its own for the forward (allocated at the first
-    # all-gather, its storage resized every step): those count as parameters too, looked up when met
-    fsdp = {}
-    for candidate in (fn, getattr(fn, "__self__", None), *args, *kwargs.values()):
-        if isinstance(candidate, torch.nn.Module):
-            fsdp.update(fsdp_params_by_sharded(candidate))
+    # all-gather, its storage resized every step): those count as parameters too, their storages
+    # read when met (the copies are looked up again only while some are not allocated yet)
+    fsdp = {key: value for module in modules for key, value in fsdp_params_by_sharded(module).items()}
     sharded = [p for p in parameters if id(p) in fsdp]
+    twins: list[torch.Tensor] = []
 
     def gathered(key: tuple[str, int]) -> bool:
-        return bool(sharded) and any(_storage_key(t) == key for t in gathered_twins(sharded, fsdp)
-                                     if t.untyped_storage().nbytes() > 0)
+        if not sharded:
+            return False
+        if len(twins) < len(sharded):
+            twins[:] = gathered_twins(sharded, fsdp)
+        return any(t.untyped_storage().nbytes() > 0 and _storage_key(t) == key for t in twins)
 
     input_keys = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
     seen: dict[tuple[str, int], tuple[str, int]] = {}
