@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import fxshear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import block_selective_vit as vision  # noqa: E402  (the digits task: splits, small ViT, training loop)
 import finetune_minilm as task  # noqa: E402  (the docstring task's batches, training loop, evaluation)
 from freezing import svg_curves  # noqa: E402
+from reversible_quality import mean_curves, trainable_parameters as trainable  # noqa: E402
 from saved_memory import git_commit, machine_info  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,15 +78,6 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "held_out_loss_mean": statistics.fmean(loss), "held_out_loss_sd": sd(loss),
                      "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in mine)})
     return rows
-
-
-def mean_curves(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    return {name: {"losses": [statistics.fmean(s) for s in zip(*[r["losses"] for r in runs if r["method"] == name])]}
-            for name in dict.fromkeys(r["method"] for r in runs)}
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # --- text ------------------------------------------------------------------------------------------

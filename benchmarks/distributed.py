@@ -27,21 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from distributed_runner import backend_for_this_machine, run_ranks  # noqa: E402
-from saved_memory import MIB, machine_info  # noqa: E402
+from saved_memory import MIB, LossOf, machine_info  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "distributed"
 ROWS = [(engine, backend) for engine in ("DDP", "FSDP2") for backend in ("torch.compile", "fxshear exact",
                                                                             "fxshear aggressive")]
-
-
-class LossOf(torch.nn.Module):
-    def __init__(self, example, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.example, self.module = example, module
-
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return self.example.loss(self.module, batch)
 
 
 def rank_main(rank: int, world: int, steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
