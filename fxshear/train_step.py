@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .backend import ShearBackend
 from .config import ConfigError, ShearConfig
@@ -365,8 +366,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
             "e.g. one whose forward runs them: class Net(nn.Module): def forward(self, x): "
             "return self.head(self.body(x))")
     freezing = freeze is not None
-    from torch.nn.parallel import DistributedDataParallel
-
     if freezing and isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
         raise ConfigError(
             "per-step freezing leaves the frozen weights without a gradient, and DDP waits for every parameter's "
